@@ -1,0 +1,102 @@
+"""Backends that run a model file in-process: the PyTorch reference and the C++ kernel.
+
+Every backend offers the same three calls, so compare/run treat them alike:
+  forward(ids, mask, capture) -> (logits (B,S,V) float32|float64 numpy, intermediates or None)
+  decode(ids, mask, n_prefill) -> logits (B, S-n_prefill, V): prefill, then one token a step
+  set_threads(n)
+External engines (separate processes) live in engines.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, ModelFileError, XValidError
+from .modelfile import ModelFile
+
+BUILTIN_BACKENDS = ("torch", "cpp")
+
+
+def set_torch_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)
+
+
+class TorchBackend:
+    """The reference: model-spec.md in PyTorch eager, float32 or float64."""
+
+    def __init__(self, mf: ModelFile, dtype: str = "float32"):
+        from .reference import Reference
+        self.name = "torch" if dtype == "float32" else f"torch-{dtype}"
+        self.model = Reference(mf, dtype)
+
+    def set_threads(self, n: int) -> None:
+        set_torch_threads(n)
+
+    def forward(self, ids, mask, capture: bool = False):
+        sink = {} if capture else None
+        logits = self.model.forward(ids, mask, capture=sink)
+        return logits.numpy(), ({k: v.numpy() for k, v in sink.items()} if capture else None)
+
+    def decode(self, ids, mask, n_prefill: int) -> np.ndarray:
+        cache, steps = self.model.new_cache(), []
+        self.model.forward(ids[:, :n_prefill], mask[:, :n_prefill], cache=cache)
+        for t in range(n_prefill, ids.shape[1]):
+            steps.append(self.model.forward(ids[:, t:t + 1], mask[:, :t + 1], cache=cache).numpy())
+        return np.concatenate(steps, axis=1)
+
+
+def load_core():
+    """Import the compiled module (in an editable install this rebuilds changed C++ first)."""
+    try:
+        from . import _core
+    except ImportError as exc:
+        raise XValidError(f"the C++ backend is not built ({exc}); reinstall with "
+                          f"'bash scripts/setup.sh' (see docs/dev-loop.md)") from None
+    return _core
+
+
+class CppBackend:
+    """The C++ kernel through pybind11; it parses the model file itself."""
+
+    name = "cpp"
+
+    def __init__(self, path: str | os.PathLike):
+        self.core = load_core()
+        try:
+            self.model = self.core.Model(str(Path(path)))
+        except self.core.ModelFileError as exc:
+            raise ModelFileError(str(exc)) from None
+
+    def set_threads(self, n: int) -> None:
+        self.core.set_num_threads(n)
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+
+    def forward(self, ids, mask, capture: bool = False):
+        out = self._call(self.model.forward, ids, mask, capture=capture)
+        return out if capture else (out, None)
+
+    def decode(self, ids, mask, n_prefill: int) -> np.ndarray:
+        self.model.reset_cache()
+        self._call(self.model.step, ids[:, :n_prefill], mask[:, :n_prefill])
+        steps = [self._call(self.model.step, ids[:, t:t + 1], mask[:, :t + 1])
+                 for t in range(n_prefill, ids.shape[1])]
+        return np.concatenate(steps, axis=1)
+
+
+def make_backend(name: str, mf: ModelFile, path: str | os.PathLike):
+    if name == "torch":
+        return TorchBackend(mf, "float32")
+    if name == "torch-float64":
+        return TorchBackend(mf, "float64")
+    if name == "cpp":
+        return CppBackend(path)
+    raise XValidError(f"unknown backend {name!r} (choose from {', '.join(BUILTIN_BACKENDS)})")

@@ -1,0 +1,179 @@
+"""The `xvalid` command line. Every command maps errors to the exit codes in errors.py and
+prints them as one line on stderr; results go to stdout."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import PRESETS, ModelConfig
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, XValidError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="xvalid")
+def cli():
+    """Validate a C++/CUDA transformer forward pass against a PyTorch reference.
+
+    \b
+    Typical session:
+      xvalid generate --hidden 64 --layers 2 -o m.json   # seeded model + inputs
+      xvalid compare m.json                             # torch vs C++: verdict, timing
+      xvalid compare m.json --engine './my_engine {model} {out}'
+    Exit codes: 0 pass, 1 mismatch, 2 bad input or usage, 3 engine failed, 4 internal error.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
+              help="Named config; the size flags below override its fields.")
+@click.option("--hidden", type=int, help="hidden_size H [tiny: 64]")
+@click.option("--layers", type=int, help="num_hidden_layers [tiny: 2]")
+@click.option("--heads", type=int, help="num_attention_heads [tiny: 8]")
+@click.option("--kv-heads", "--kvh", "kv_heads", type=int, help="num_key_value_heads [tiny: 2]")
+@click.option("--vocab", type=int, help="vocab_size [tiny: 128]")
+@click.option("--intermediate", type=int, help="intermediate_size [MiniMind rule: 64*ceil(8H/3/64)]")
+@click.option("--max-pos", type=int, help="max_position_embeddings, rows of the RoPE tables [tiny: 128]")
+@click.option("--rope-theta", type=float, help="RoPE base [1e6]")
+@click.option("--eps", type=float, help="rms_norm_eps [1e-5]")
+@click.option("--seq-len", type=int, default=5, show_default=True, help="S, tokens per input row")
+@click.option("--batch-size", type=int, default=2, show_default=True, help="B, input rows")
+@click.option("--pad", type=int, default=None,
+              help="Padded input rows (the last ones; left, right, left, ...) [1 if S > 1]")
+@click.option("--seed", type=int, default=123, show_default=True)
+@click.option("--init-std", type=float, default=0.02, show_default=True, help="Weight std")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("model.json"), show_default=True)
+def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_pos, rope_theta,
+             eps, seq_len, batch_size, pad, seed, init_std, output):
+    """Write a seeded random-weight model and its inputs as one JSON file."""
+    from .generate import generate_model, logit_statistics
+    from .modelfile import write_model
+    from .reference import Reference
+    from .report import print_generate_summary
+
+    start = time.perf_counter()
+    overrides = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                 "num_key_value_heads": kv_heads, "vocab_size": vocab,
+                 "intermediate_size": intermediate, "max_position_embeddings": max_pos,
+                 "rope_theta": rope_theta, "rms_norm_eps": eps}
+    base = PRESETS[preset].to_json()
+    if hidden is not None and intermediate is None:
+        base["intermediate_size"] = 0  # re-derive from the new hidden size
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = ModelConfig.from_json(base)
+    mf = generate_model(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed, pad=pad,
+                        init_std=init_std)
+    # Record the reference's logit statistics, so a later PASS is known to mean something.
+    logits = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
+    mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}
+    write_model(mf, output)
+    print_generate_summary(mf, output, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["torch", "cpp"]), default="torch", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True, help="Reference precision (torch backend only).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("logits.npy"), show_default=True, help="Logits (B,S,V) as .npy")
+@click.option("--intermediates", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write every named intermediate as DIR/NAME.npy")
+@click.option("--threads", type=click.IntRange(min=1), help="Thread count [torch's default]")
+def run(model, backend, dtype, output, intermediates, threads):
+    """Run MODEL's inputs through one backend and write the logits."""
+    from .backends import CppBackend, TorchBackend
+    from .files import save_arrays, save_npy
+    from .modelfile import read_model
+
+    if backend == "cpp" and dtype != "float32":
+        raise click.UsageError("--dtype float64 is for the torch backend only")
+    mf = read_model(model)
+    runner = TorchBackend(mf, dtype) if backend == "torch" else CppBackend(model)
+    if threads:
+        runner.set_threads(threads)
+    start = time.perf_counter()
+    logits, captured = runner.forward(mf.input_ids, mf.attention_mask,
+                                      capture=intermediates is not None)
+    elapsed = time.perf_counter() - start
+    save_npy(output, logits)
+    if intermediates is not None:
+        save_arrays(intermediates, captured)
+    extra = f", {len(captured)} intermediates in {intermediates}" if captured else ""
+    click.echo(f"{runner.name}: logits {list(logits.shape)} {logits.dtype} -> {output}{extra} "
+               f"(forward {elapsed * 1e3:.1f} ms)")
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--tensors/--no-tensors", default=True, show_default=True,
+              help="List every tensor (shape, dtype, bytes, preview, checksum).")
+def inspect(model, tensors):
+    """Validate MODEL and print its config, tensors and inputs."""
+    from .modelfile import read_model
+    from .report import print_inspect
+
+    mf = read_model(model)
+    print_inspect(mf, model, show_tensors=tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: exit codes per errors.py; no traceback unless XVALID_DEBUG=1."""
+    command = "xvalid"
+    try:
+        code = cli.main(args=argv, prog_name="xvalid", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        if exc.ctx is not None:
+            command = exc.ctx.command_path
+        click.echo(f"{command}: error: {_one_line(exc.format_message())} "
+                   f"(see '{command} --help')", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except XValidError as exc:
+        click.echo(f"{command}: error: {_one_line(exc)}", err=True)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo(f"{command}: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except MemoryError:
+        click.echo(f"{command}: error: out of memory (is the model or input absurdly large?)", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # a bug in xvalid: one line, the traceback on request
+        if os.environ.get("XVALID_DEBUG"):
+            raise
+        click.echo(f"{command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+                   f"(rerun with XVALID_DEBUG=1 for the traceback, and please report it)", err=True)
+        sys.exit(EXIT_INTERNAL)
+

@@ -1,0 +1,97 @@
+"""Model configuration: the hyperparameters of one MiniMind2 / Llama decoder.
+
+Field names are the model file's `config` keys (HF names), so a config round-trips through
+JSON unchanged. Derived sizes (head_dim, n_rep) are computed in __post_init__.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+# Upper bound on any single dimension: far above real models, low enough that a typo such as
+# --hidden 1000000000 is refused before anything is allocated.
+MAX_DIM = 1 << 20
+
+
+def minimind_intermediate(hidden_size: int) -> int:
+    """MiniMind's FFN size rule: 8/3 * H rounded up to a multiple of 64 (512 -> 1408)."""
+    return 64 * ((int(hidden_size * 8 / 3) + 63) // 64)
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 64  # H, the residual stream width
+    num_hidden_layers: int = 2  # L
+    num_attention_heads: int = 8  # NH query heads
+    num_key_value_heads: int = 2  # KVH key/value heads (GQA: NH % KVH == 0)
+    vocab_size: int = 128  # V, rows of the (tied) embedding
+    intermediate_size: int = 0  # I, SwiGLU width; 0 means the MiniMind rule
+    max_position_embeddings: int = 128  # rows of the RoPE tables
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    head_dim: int = field(init=False)  # hd = H / NH
+    n_rep: int = field(init=False)  # query heads per kv head
+
+    def __post_init__(self) -> None:
+        if not self.intermediate_size:
+            self.intermediate_size = minimind_intermediate(self.hidden_size)
+        self.validate()
+        self.head_dim = self.hidden_size // self.num_attention_heads
+        self.n_rep = self.num_attention_heads // self.num_key_value_heads
+
+    def validate(self) -> None:
+        """Refuse impossible configs with a one-line reason."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size", "intermediate_size",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"config.{name} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ConfigError(f"config.{name} must be positive, got {value}")
+            if value > MAX_DIM:
+                raise ConfigError(f"config.{name} = {value} is absurdly large (limit {MAX_DIM})")
+        H, NH, KVH = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if H % NH:
+            raise ConfigError(f"num_attention_heads {NH} does not divide hidden_size {H}")
+        if NH % KVH:
+            raise ConfigError(f"num_key_value_heads {KVH} does not divide num_attention_heads {NH}")
+        if (H // NH) % 2:
+            raise ConfigError(f"head_dim {H // NH} (hidden {H} / heads {NH}) must be even for RoPE")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or value == float("inf"):
+                raise ConfigError(f"config.{name} must be a positive finite number, got {value!r}")
+
+    @property
+    def num_parameters(self) -> int:
+        """Weights counted once (the lm_head is tied to the embedding)."""
+        H, I, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        q_out, kv_out = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        per_layer = 2 * H + H * q_out + 2 * H * kv_out + q_out * H + 3 * H * I
+        return self.vocab_size * H + H + self.num_hidden_layers * per_layer
+
+    def to_json(self) -> dict:
+        """The model file's `config` object (derived fields included for other readers)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "ModelConfig":
+        init_names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in obj.items() if k in init_names})
+
+
+# Named configs: test sizes next to the released MiniMind2 models.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    "small": ModelConfig(hidden_size=256, num_hidden_layers=4, vocab_size=1024,
+                         max_position_embeddings=512),
+    "minimind2-small": ModelConfig(hidden_size=512, num_hidden_layers=8, vocab_size=6400,
+                                   max_position_embeddings=32768),
+    "minimind2": ModelConfig(hidden_size=768, num_hidden_layers=16, vocab_size=6400,
+                             max_position_embeddings=32768),
+}

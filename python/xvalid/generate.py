@@ -1,0 +1,104 @@
+"""Seeded random-weight models that make bugs visible.
+
+- weights N(0, 1) * init_std, drawn in file order from one seeded generator;
+- norm weights uniform in [0.5, 1.5], not all ones, so an engine that ignores them fails;
+- lm_head tied to (equal to) the embedding;
+- padded input rows (left and right) so that an engine that ignores the mask fails;
+- inputs drawn from a second generator, so changing --seq-len keeps the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import __version__
+from .config import ModelConfig
+from .errors import ConfigError
+from .modelfile import LayerWeights, ModelFile, Weights, layer_shapes
+
+
+def rope_tables(max_pos: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (max_pos, hd) float32, rotate-half layout: column j uses inv_freq[j mod hd/2]."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)  # (max_pos, hd/2)
+    angles = np.concatenate((angles, angles), axis=1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def padded_inputs(rng: np.random.Generator, vocab: int, batch_size: int, seq_len: int,
+                  pad_rows: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Random ids (B,S) int32 and a mask (B,S) uint8 whose last `pad_rows` rows are padded,
+    alternating left, right, left, ... Each padded row keeps at least one real token;
+    padded positions hold id 0."""
+    ids = rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int32)
+    mask = np.ones((batch_size, seq_len), np.uint8)
+    padding = []
+    for n, row in enumerate(range(batch_size - pad_rows, batch_size)):
+        side = "left" if n % 2 == 0 else "right"
+        length = int(rng.integers(1, seq_len))  # 1 .. S-1
+        span = slice(0, length) if side == "left" else slice(seq_len - length, seq_len)
+        mask[row, span], ids[row, span] = 0, 0
+        padding.append({"row": row, "side": side, "length": length})
+    return ids, mask, padding
+
+
+def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
+                   pad: int | None = None, init_std: float = 0.02) -> ModelFile:
+    """A ModelFile with seeded weights and inputs; `pad` None means one padded row if S > 1."""
+    if batch_size <= 0 or seq_len <= 0:
+        raise ConfigError(f"--batch-size and --seq-len must be positive, got {batch_size}, {seq_len}")
+    if seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"--seq-len {seq_len} exceeds --max-pos {cfg.max_position_embeddings}")
+    if pad is None:
+        pad = 1 if seq_len > 1 else 0
+    if not 0 <= pad <= batch_size:
+        raise ConfigError(f"--pad {pad} must be between 0 and --batch-size {batch_size}")
+    if pad and seq_len < 2:
+        raise ConfigError("--pad needs --seq-len >= 2 (a padded row keeps one real token)")
+    if not (init_std > 0 and np.isfinite(init_std)):
+        raise ConfigError(f"--init-std must be a positive number, got {init_std}")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed must be in [0, 2^63), got {seed}")
+
+    weight_seed, input_seed = np.random.SeedSequence(seed).spawn(2)
+    rng = np.random.default_rng(weight_seed)
+
+    def draw(shape: tuple[int, ...]) -> np.ndarray:
+        if len(shape) == 1:  # norm weights
+            return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
+        out = rng.standard_normal(size=shape, dtype=np.float32)
+        out *= np.float32(init_std)
+        return out
+
+    H, V = cfg.hidden_size, cfg.vocab_size
+    embedding = draw((V, H))
+    layers = [LayerWeights(**{name: draw(shape) for name, shape in layer_shapes(cfg).items()})
+              for _ in range(cfg.num_hidden_layers)]
+    weights = Weights(tok_embedding=embedding, final_rms=draw((H,)), lm_head=embedding,
+                      layers=layers)
+    ids, mask, padding = padded_inputs(np.random.default_rng(input_seed), V, batch_size,
+                                       seq_len, pad)
+    cos, sin = rope_tables(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
+    meta = {"seed": seed, "B": batch_size, "S": seq_len, "head_dim": cfg.head_dim,
+            "generator": {"tool": "xvalid", "version": __version__, "init_std": init_std,
+                          "norm_weights": "uniform(0.5, 1.5)", "padding": padding}}
+    return ModelFile(cfg, weights, ids, mask, cos, sin, meta)
+
+
+def logit_statistics(logits: np.ndarray, mask: np.ndarray) -> dict:
+    """Entropy and top-1 margin of the next-token distributions on unpadded rows.
+
+    A clear margin means top-1 agreement is a meaningful check; values are rounded to 6
+    significant digits so the file does not depend on the last bits of a BLAS.
+    """
+    rows = logits[mask.astype(bool)].astype(np.float64)  # (rows, V)
+    logp = rows - rows.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    entropy = -(np.exp(logp) * logp).sum(-1)
+    top2 = np.sort(rows, axis=-1)[:, -2:] if rows.shape[1] > 1 else np.zeros((len(rows), 2))
+    margin = top2[:, 1] - top2[:, 0]
+    r = lambda x: float(f"{float(x):.6g}")  # noqa: E731
+    return {"rows": int(len(rows)), "entropy_mean": r(entropy.mean()), "entropy_max": r(entropy.max()),
+            "max_entropy": r(np.log(rows.shape[1])), "top1_margin_min": r(margin.min()),
+            "top1_margin_median": r(np.median(margin)), "logits_absmax": r(np.abs(rows).max()),
+            "logits_std": r(rows.std())}

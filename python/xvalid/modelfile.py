@@ -1,0 +1,399 @@
+"""The model file, format version 1: one JSON object with base64 tensors.
+
+Layout (docs/model-format.md has every key, dtype, shape and byte order):
+  format, format_version        xvalid's additions; readers never require them
+  meta     {seed, B, S, head_dim, reference: {...logit statistics...}, ...}
+  config   {hidden_size, num_hidden_layers, ..., rms_norm_eps, rope_theta}
+  inputs   {input_ids int32 (B,S), attention_mask uint8 (B,S)}
+  rope     {cos float32 (max_pos, hd), sin float32 (max_pos, hd)}
+  weights  {tok_embedding (V,H), final_rms (H), lm_head (V,H), layers: [{...}, ...]}
+  tensor   {name, shape, dtype, encoding: "base64", data, preview}
+
+Reading validates everything against the config and names the first problem
+("weights.layers[1].wk: shape expected [16, 64], found [64, 64]").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ConfigError, ModelFileError
+from .files import atomic_write
+
+FORMAT_NAME = "xvalid-model"
+FORMAT_VERSION = 1
+PREVIEW_LEN = 16
+
+# Storage dtypes: the `dtype` field names how the raw little-endian bytes are laid out.
+# Version 1 computes in float32; the other float and quantised types are reserved names so
+# that later versions can add them without changing how version-1 files are read.
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "int32": np.dtype("<i4"),
+    "uint8": np.dtype("u1"),
+}
+RESERVED_DTYPES = ("float16", "bfloat16", "int8", "int4", "float8_e4m3", "float8_e5m2")
+
+
+@dataclass
+class LayerWeights:
+    rms_attn: np.ndarray  # (H,)  input_layernorm
+    rms_ffn: np.ndarray  # (H,)  post_attention_layernorm
+    wq: np.ndarray  # (NH*hd, H)
+    wk: np.ndarray  # (KVH*hd, H)
+    wv: np.ndarray  # (KVH*hd, H)
+    wo: np.ndarray  # (H, NH*hd)
+    w_gate: np.ndarray  # (I, H)
+    w_up: np.ndarray  # (I, H)
+    w_down: np.ndarray  # (H, I)
+
+
+@dataclass
+class Weights:
+    tok_embedding: np.ndarray  # (V, H)
+    final_rms: np.ndarray  # (H,)
+    lm_head: np.ndarray  # (V, H), tied: equal to tok_embedding
+    layers: list[LayerWeights]
+
+
+@dataclass
+class ModelFile:
+    config: ModelConfig
+    weights: Weights
+    input_ids: np.ndarray  # (B, S) int32
+    attention_mask: np.ndarray  # (B, S) uint8, 1 = keep, 0 = pad
+    rope_cos: np.ndarray  # (max_pos, hd) float32
+    rope_sin: np.ndarray  # (max_pos, hd) float32
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every per-layer tensor, in file order."""
+    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q_out, kv_out = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return {"rms_attn": (H,), "rms_ffn": (H,), "wq": (q_out, H), "wk": (kv_out, H),
+            "wv": (kv_out, H), "wo": (H, q_out), "w_gate": (I, H), "w_up": (I, H),
+            "w_down": (H, I)}
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+
+
+def encode_tensor(name: str, array: np.ndarray) -> dict:
+    """A tensor object of the layout: raw C-order little-endian bytes, base64."""
+    dtype_name = next((k for k, v in STORAGE_DTYPES.items() if v == array.dtype), None)
+    if dtype_name is None:
+        raise TypeError(f"{name}: cannot store dtype {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=STORAGE_DTYPES[dtype_name])
+    return {"name": name, "shape": list(array.shape), "dtype": dtype_name, "encoding": "base64",
+            "data": base64.b64encode(array.tobytes()).decode("ascii"),
+            "preview": array.reshape(-1)[:PREVIEW_LEN].tolist()}
+
+
+def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
+                  dtype: str) -> np.ndarray:
+    """Decode and check one tensor object; every failure names `key`."""
+    if not isinstance(obj, dict):
+        raise ModelFileError(f"{key}: expected a tensor object, found {type(obj).__name__}")
+    for required in ("shape", "dtype", "data"):
+        if required not in obj:
+            raise ModelFileError(f"{key}: tensor object has no '{required}'")
+    encoding = obj.get("encoding", "base64")
+    if encoding != "base64":
+        raise ModelFileError(f"{key}: encoding expected 'base64', found {encoding!r}")
+    found_dtype = obj["dtype"]
+    if found_dtype != dtype:
+        if found_dtype in RESERVED_DTYPES:
+            raise ModelFileError(f"{key}: dtype {found_dtype} is not supported yet "
+                                 f"(format version 1 reads {dtype} here)")
+        raise ModelFileError(f"{key}: dtype expected {dtype}, found {found_dtype!r}")
+    shape = obj["shape"]
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ModelFileError(f"{key}: shape must be a list of non-negative integers, found {shape!r}")
+    if expected_shape is not None and tuple(shape) != tuple(expected_shape):
+        raise ModelFileError(f"{key}: shape expected {list(expected_shape)}, found {shape}")
+    data = obj["data"]
+    if not isinstance(data, str):
+        raise ModelFileError(f"{key}: data must be a base64 string, found {type(data).__name__}")
+    np_dtype = STORAGE_DTYPES[dtype]
+    expected_bytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if len(data) != 4 * ((expected_bytes + 2) // 3):  # checked before decoding anything
+        raise ModelFileError(f"{key}: data holds {len(data)} base64 characters, expected "
+                             f"{4 * ((expected_bytes + 2) // 3)} for shape {shape} {dtype}")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ModelFileError(f"{key}: bad base64 data ({exc})") from None
+    if len(raw) != expected_bytes:
+        raise ModelFileError(f"{key}: data decodes to {len(raw)} bytes, expected {expected_bytes}")
+    array = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+    if array.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(array))
+        if bad.size:
+            index = np.unravel_index(bad[0], array.shape)
+            raise ModelFileError(f"{key}: non-finite value {array[index]} at index "
+                                 f"{list(map(int, index))} ({bad.size} in all)")
+    return array
+
+
+def tensor_checksum(array: np.ndarray) -> str:
+    """sha256 of the raw bytes as stored (first 16 hex digits): equal bytes, equal checksum."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _section(doc: dict, key: str) -> dict:
+    value = doc.get(key)
+    if value is None:
+        raise ModelFileError(f"missing key '{key}'")
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{key}: expected an object, found {type(value).__name__}")
+    return value
+
+
+def _read_config(doc: dict) -> ModelConfig:
+    raw = _section(doc, "config")
+    for required in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size", "intermediate_size"):
+        if required not in raw:
+            raise ModelFileError(f"config.{required}: missing")
+    raw = dict(raw)
+    if "max_position_embeddings" not in raw:  # older writers: take it from the RoPE table
+        cos = doc.get("rope", {}).get("cos", {}) if isinstance(doc.get("rope"), dict) else {}
+        shape = cos.get("shape") if isinstance(cos, dict) else None
+        if not (isinstance(shape, list) and shape and isinstance(shape[0], int)):
+            raise ModelFileError("config.max_position_embeddings: missing (and no rope.cos shape)")
+        raw["max_position_embeddings"] = shape[0]
+    try:
+        cfg = ModelConfig.from_json(raw)
+    except ConfigError as exc:
+        raise ModelFileError(str(exc)) from None
+    except TypeError as exc:
+        raise ModelFileError(f"config: {exc}") from None
+    for where, section in (("config", raw), ("meta", doc.get("meta") or {})):
+        head_dim = section.get("head_dim") if isinstance(section, dict) else None
+        if head_dim is not None and head_dim != cfg.head_dim:
+            raise ModelFileError(f"{where}.head_dim: expected {cfg.head_dim} "
+                                 f"(hidden_size / num_attention_heads), found {head_dim}")
+    return cfg
+
+
+def _read_weights(section: dict, cfg: ModelConfig) -> Weights:
+    H, V = cfg.hidden_size, cfg.vocab_size
+    get = lambda key: section.get(key) if key in section else _missing(f"weights.{key}")  # noqa: E731
+    tok_embedding = decode_tensor(get("tok_embedding"), "weights.tok_embedding", (V, H), "float32")
+    final_rms = decode_tensor(get("final_rms"), "weights.final_rms", (H,), "float32")
+    # The head is tied; a writer that omits lm_head means "same as the embedding".
+    lm_head = (decode_tensor(section["lm_head"], "weights.lm_head", (V, H), "float32")
+               if "lm_head" in section else tok_embedding)
+    layers = get("layers")
+    if not isinstance(layers, list):
+        raise ModelFileError(f"weights.layers: expected a list, found {type(layers).__name__}")
+    if len(layers) != cfg.num_hidden_layers:
+        raise ModelFileError(f"weights.layers: expected {cfg.num_hidden_layers} layers "
+                             f"(config.num_hidden_layers), found {len(layers)}")
+    shapes = layer_shapes(cfg)
+    decoded = []
+    for index, layer in enumerate(layers):
+        prefix = f"weights.layers[{index}]"
+        if not isinstance(layer, dict):
+            raise ModelFileError(f"{prefix}: expected an object, found {type(layer).__name__}")
+        tensors = {}
+        for name, shape in shapes.items():
+            if name not in layer:
+                _missing(f"{prefix}.{name}")
+            tensors[name] = decode_tensor(layer[name], f"{prefix}.{name}", shape, "float32")
+        decoded.append(LayerWeights(**tensors))
+    return Weights(tok_embedding, final_rms, lm_head, decoded)
+
+
+def _missing(key: str):
+    raise ModelFileError(f"missing key '{key}'")
+
+
+def _read_inputs(section: dict, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    for key in ("input_ids", "attention_mask"):
+        if key not in section:
+            _missing(f"inputs.{key}")
+    ids = decode_tensor(section["input_ids"], "inputs.input_ids", None, "int32")
+    if ids.ndim != 2 or 0 in ids.shape:
+        raise ModelFileError(f"inputs.input_ids: shape expected [B, S] with B, S >= 1, "
+                             f"found {list(ids.shape)}")
+    mask = decode_tensor(section["attention_mask"], "inputs.attention_mask", ids.shape, "uint8")
+    check_inputs(ids, mask, cfg, where="inputs.")
+    return ids, mask
+
+
+def check_inputs(ids: np.ndarray, mask: np.ndarray, cfg: ModelConfig, where: str = "",
+                 past_len: int = 0) -> None:
+    """Token ids within the vocabulary, a 0/1 mask covering past + new tokens, positions in range."""
+    from .errors import InputError
+    error = ModelFileError if where else InputError
+    if ids.ndim != 2:
+        raise error(f"{where}input_ids: expected 2 dims (B, S), found shape {list(ids.shape)}")
+    B, S = ids.shape
+    if mask.shape != (B, past_len + S):
+        raise error(f"{where}attention_mask: shape expected {[B, past_len + S]}, "
+                    f"found {list(mask.shape)}")
+    bad = np.argwhere((ids < 0) | (ids >= cfg.vocab_size))
+    if bad.size:
+        b, s = map(int, bad[0])
+        raise error(f"{where}input_ids: id {int(ids[b, s])} at batch {b}, position {s} is outside "
+                    f"the vocabulary [0, {cfg.vocab_size})")
+    bad = np.argwhere((mask != 0) & (mask != 1))
+    if bad.size:
+        b, s = map(int, bad[0])
+        raise error(f"{where}attention_mask: value {int(mask[b, s])} at batch {b}, position {s} "
+                    f"(expected 0 or 1)")
+    if past_len + S > cfg.max_position_embeddings:
+        raise error(f"{where}input_ids: {past_len + S} positions exceed "
+                    f"max_position_embeddings {cfg.max_position_embeddings}")
+
+
+def parse_model(doc: Any) -> ModelFile:
+    """Validate a parsed JSON document and decode its tensors."""
+    if not isinstance(doc, dict):
+        raise ModelFileError(f"top level: expected a JSON object, found {type(doc).__name__}")
+    version = doc.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise ModelFileError(f"format_version: this xvalid reads version {FORMAT_VERSION}, "
+                             f"found {version!r} (upgrade xvalid)")
+    cfg = _read_config(doc)
+    rope = _section(doc, "rope")
+    table = (cfg.max_position_embeddings, cfg.head_dim)
+    for key in ("cos", "sin"):
+        if key not in rope:
+            _missing(f"rope.{key}")
+    cos = decode_tensor(rope["cos"], "rope.cos", table, "float32")
+    sin = decode_tensor(rope["sin"], "rope.sin", table, "float32")
+    ids, mask = _read_inputs(_section(doc, "inputs"), cfg)
+    weights = _read_weights(_section(doc, "weights"), cfg)
+    meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+    return ModelFile(cfg, weights, ids, mask, cos, sin, dict(meta))
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        with open(path, "rb") as fp:
+            return json.load(fp)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ModelFileError(f"{path}: is a directory, expected a model file") from None
+    except PermissionError:
+        raise ModelFileError(f"{path}: permission denied") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                             f"column {exc.colno}; truncated file?)") from None
+    except UnicodeDecodeError as exc:
+        raise ModelFileError(f"{path}: not valid JSON (bad UTF-8 at byte {exc.start})") from None
+    except RecursionError:
+        raise ModelFileError(f"{path}: JSON nested too deeply") from None
+
+
+def read_model(path: str | os.PathLike) -> ModelFile:
+    """Read and validate a model file; ModelFileError names the first problem."""
+    return parse_model(load_json(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+class _Leaf:
+    """A tensor in a document being written: name and array."""
+
+    def __init__(self, name: str, array: np.ndarray):
+        self.name, self.array = name, array
+
+
+def _document(mf: ModelFile) -> dict:
+    """The file's object tree, in layout order, with tensors as _Leaf."""
+    w = mf.weights
+    meta = {"seed": None, "B": mf.batch_size, "S": mf.seq_len, "head_dim": mf.config.head_dim}
+    meta.update(mf.meta)
+    layers = []
+    for index, layer in enumerate(w.layers):
+        layers.append({f.name: _Leaf(f"layer{index}_{f.name}", getattr(layer, f.name))
+                       for f in fields(LayerWeights)})
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "meta": meta,
+        "config": mf.config.to_json(),
+        "inputs": {"input_ids": _Leaf("input_ids", mf.input_ids),
+                   "attention_mask": _Leaf("attention_mask", mf.attention_mask)},
+        "rope": {"cos": _Leaf("rope_cos", mf.rope_cos), "sin": _Leaf("rope_sin", mf.rope_sin)},
+        "weights": {"tok_embedding": _Leaf("tok_embedding", w.tok_embedding),
+                    "final_rms": _Leaf("final_rms", w.final_rms),
+                    "lm_head": _Leaf("lm_head", w.lm_head),
+                    "layers": layers},
+    }
+
+
+def _leaves(obj: Any) -> Iterator[_Leaf]:
+    if isinstance(obj, _Leaf):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _leaves(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _leaves(value)
+
+
+def _serialize(obj: Any, out: Callable[[str], None], on_leaf: Callable[[_Leaf], None]) -> None:
+    """Stream JSON: tensors are encoded one at a time, so memory stays at one tensor's text."""
+    if isinstance(obj, _Leaf):
+        out("\n" + json.dumps(encode_tensor(obj.name, obj.array)))
+        on_leaf(obj)
+    elif isinstance(obj, dict):
+        out("{")
+        for index, (key, value) in enumerate(obj.items()):
+            out(("," if index else "") + json.dumps(key) + ":")
+            _serialize(value, out, on_leaf)
+        out("}")
+    elif isinstance(obj, list):
+        out("[")
+        for index, value in enumerate(obj):
+            out("," if index else "")
+            _serialize(value, out, on_leaf)
+        out("]")
+    else:
+        out(json.dumps(obj, allow_nan=False))
+
+
+def write_model(mf: ModelFile, path: str | os.PathLike, progress: bool = True) -> None:
+    """Write `mf` atomically; shows a progress bar on stderr for large models."""
+    from .progress import byte_progress
+    doc = _document(mf)
+    total = sum(leaf.array.nbytes for leaf in _leaves(doc))
+    with byte_progress("writing " + Path(path).name, total, enabled=progress) as advance:
+        def write(fp):
+            _serialize(doc, fp.write, lambda leaf: advance(leaf.array.nbytes))
+            fp.write("\n")
+        atomic_write(path, write)

@@ -1,0 +1,140 @@
+"""The PyTorch reference forward pass: exactly ../shared/model-spec.md, as short as the math.
+
+Runs in float32 (the reference candidates are compared against) or float64 (to measure the
+float32 reference's own rounding noise). Prefill and incremental decode share one forward:
+with a KVCache, the new tokens take positions p0.. where p0 = tokens already cached, and the
+attention mask covers cached + new keys. Named intermediates (docs/intermediates.md) are
+recorded into a dict when one is passed as `capture`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .modelfile import LayerWeights, ModelFile, check_inputs
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in (at least) fp32, cast back to the activation dtype, then scale."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x (B,S,heads,hd); cos, sin (S,hd) rows for this call's positions."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention(q, k, v, bias, n_rep: int) -> torch.Tensor:
+    """q (B,S,NH,hd); k, v (B,T,KVH,hd); bias (B,1,S,T) additive. Returns (B,S,NH,hd).
+
+    Query head h reads kv head h // n_rep (GQA), hence repeat_interleave.
+    """
+    q, k, v = (t.transpose(1, 2) for t in (q, k.repeat_interleave(n_rep, dim=2),
+                                          v.repeat_interleave(n_rep, dim=2)))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias  # (B,NH,S,T)
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
+
+
+def attention_bias(mask: torch.Tensor, p0: int, S: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B,1,S,p0+S): -inf where key j > p0 + i (causal), -1e9 added where mask[b, j] == 0."""
+    T = p0 + S
+    causal = torch.ones(S, T, dtype=torch.bool).triu(p0 + 1)
+    bias = torch.zeros(S, T, dtype=dtype).masked_fill(causal, float("-inf"))
+    padding = torch.where(mask == 0, -1e9, 0.0).to(dtype)  # (B,T)
+    return bias[None, None] + padding[:, None, None, :]
+
+
+class KVCache:
+    """Post-RoPE keys and values per layer, each (B, T, KVH, hd), T = tokens so far."""
+
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[layer] is not None:
+            k, v = torch.cat((self.k[layer], k), dim=1), torch.cat((self.v[layer], v), dim=1)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Reference:
+    """The model of one file, as torch tensors in one dtype."""
+
+    def __init__(self, mf: ModelFile, dtype: str = "float32"):
+        self.cfg, self.dtype = mf.config, DTYPES[dtype]
+        tensor = lambda a: torch.from_numpy(np.array(a)).to(self.dtype)  # noqa: E731 (owns a copy)
+        w = mf.weights
+        self.embed, self.final_rms, self.lm_head = map(tensor, (w.tok_embedding, w.final_rms, w.lm_head))
+        self.layers = [LayerWeights(**{f.name: tensor(getattr(layer, f.name)) for f in fields(LayerWeights)})
+                       for layer in w.layers]
+        self.cos, self.sin = tensor(mf.rope_cos), tensor(mf.rope_sin)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.num_hidden_layers)
+
+    @torch.inference_mode()
+    def forward(self, ids, mask=None, cache: KVCache | None = None,
+                capture: dict | None = None) -> torch.Tensor:
+        """ids (B,S) ints; mask (B, p0+S) 0/1 or None for all ones. Returns logits (B,S,V)."""
+        cfg = self.cfg
+        NH, KVH, hd, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+        ids = np.asarray(ids)
+        B, S = ids.shape
+        p0 = cache.length if cache is not None else 0
+        mask = np.ones((B, p0 + S), np.uint8) if mask is None else np.asarray(mask)
+        check_inputs(ids, mask, cfg, past_len=p0)
+        keep = capture.__setitem__ if capture is not None else (lambda name, t: None)
+        ids, mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.uint8))
+        cos, sin = self.cos[p0:p0 + S], self.sin[p0:p0 + S]
+        bias = attention_bias(mask, p0, S, self.dtype)
+
+        x = self.embed[ids]
+        keep("embedding", x)
+        for l, w in enumerate(self.layers):
+            a = rmsnorm(x, w.rms_attn, eps)
+            q = rope((a @ w.wq.T).view(B, S, NH, hd), cos, sin)
+            k = rope((a @ w.wk.T).view(B, S, KVH, hd), cos, sin)
+            v = (a @ w.wv.T).view(B, S, KVH, hd)
+            for name, t in (("attn_norm", a), ("q", q), ("k", k), ("v", v)):
+                keep(f"layer{l}.{name}", t)
+            if cache is not None:
+                k, v = cache.update(l, k, v)
+            o = attention(q, k, v, bias, cfg.n_rep)
+            attn_out = o.reshape(B, S, NH * hd) @ w.wo.T
+            h = x + attn_out
+            m = rmsnorm(h, w.rms_ffn, eps)
+            gate, up = m @ w.w_gate.T, m @ w.w_up.T
+            ffn_out = (F.silu(gate) * up) @ w.w_down.T
+            x = h + ffn_out
+            for name, t in (("attn_heads", o), ("attn_out", attn_out), ("attn_residual", h),
+                            ("ffn_norm", m), ("gate", gate), ("up", up), ("ffn_out", ffn_out),
+                            ("residual", x)):
+                keep(f"layer{l}.{name}", t)
+        final = rmsnorm(x, self.final_rms, eps)
+        logits = final @ self.lm_head.T
+        keep("final_norm", final)
+        keep("logits", logits)
+        return logits
+
+
+def intermediate_names(n_layers: int) -> list[str]:
+    """Every captured name in forward order (docs/intermediates.md)."""
+    per_layer = ("attn_norm", "q", "k", "v", "attn_heads", "attn_out", "attn_residual",
+                 "ffn_norm", "gate", "up", "ffn_out", "residual")
+    return (["embedding"] + [f"layer{l}.{n}" for l in range(n_layers) for n in per_layer]
+            + ["final_norm", "logits"])

@@ -1,0 +1,51 @@
+"""Shared fixtures: model files made by the real CLI, and the CLI run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENGINES = Path(__file__).parent / "engines"
+
+FLAG_NAMES = {"hidden", "layers", "heads", "kv_heads", "vocab", "intermediate", "max_pos",
+              "rope_theta", "eps", "seq_len", "batch_size", "pad", "seed", "init_std", "preset"}
+
+
+def run_xvalid(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m xvalid ARGS` in a subprocess: exit codes and stderr exactly as a user sees them."""
+    proc = subprocess.run([sys.executable, "-m", "xvalid", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"xvalid {' '.join(map(str, args))} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def generate_flags(**flags) -> list[str]:
+    unknown = set(flags) - FLAG_NAMES
+    assert not unknown, f"unknown generate flags {unknown}"
+    return [arg for key, value in flags.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+@pytest.fixture
+def make_model(tmp_path_factory):
+    """make_model(hidden=64, layers=2, ...) -> path of a model written by `xvalid generate`."""
+    counter = iter(range(1_000_000))
+
+    def make(**flags) -> Path:
+        path = tmp_path_factory.mktemp("models") / f"model{next(counter)}.json"
+        run_xvalid("generate", *generate_flags(**flags), "-o", path, check=True)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The default model (seed flags): generated once per session."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.json"
+    run_xvalid("generate", "-o", path, check=True)
+    return path
