@@ -1,0 +1,67 @@
+"""The seed's JSON model-file layout (docs: /work/shared/model-spec.md), stdlib + numpy only.
+
+A tensor is stored as
+    {"name", "shape", "dtype": float32|int32|uint8, "encoding": "base64",
+     "data": <base64 of raw C-order little-endian bytes>, "preview": [first 16 values]}
+and may sit anywhere in the JSON tree (weights.layers is a list of dicts of tensors).
+
+Shared by numpy_engine.py (reads) and write_seed_model.py (writes); neither imports xvalid.
+"""
+
+import base64
+import json
+
+import numpy as np
+
+# dtype name in the file -> explicit little-endian numpy dtype
+DTYPES = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4"), "uint8": np.dtype("u1")}
+
+
+def encode_tensor(name, array):
+    """numpy array -> tensor dict. The array's dtype must be one of DTYPES."""
+    array = np.asarray(array)
+    dtype_name = next((k for k, dt in DTYPES.items() if array.dtype == dt), None)
+    if dtype_name is None:
+        raise TypeError(f"{name}: dtype {array.dtype} is not one of {sorted(DTYPES)}")
+    raw = np.ascontiguousarray(array, dtype=DTYPES[dtype_name]).tobytes()
+    return {
+        "name": name,
+        "shape": list(array.shape),
+        "dtype": dtype_name,
+        "encoding": "base64",
+        "data": base64.b64encode(raw).decode("ascii"),
+        "preview": array.reshape(-1)[:16].tolist(),
+    }
+
+
+def decode_tensor(t):
+    """tensor dict -> read-only numpy array of its shape and dtype."""
+    name = t.get("name", "?")
+    if t.get("encoding") != "base64":
+        raise ValueError(f"tensor {name}: encoding {t.get('encoding')!r}, expected 'base64'")
+    if t.get("dtype") not in DTYPES:
+        raise ValueError(f"tensor {name}: dtype {t.get('dtype')!r}, expected one of {sorted(DTYPES)}")
+    raw = base64.b64decode(t["data"])
+    dtype, shape = DTYPES[t["dtype"]], tuple(t["shape"])
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(raw) != count * dtype.itemsize:
+        raise ValueError(f"tensor {name}: {len(raw)} bytes of data, shape {list(shape)} "
+                         f"of {t['dtype']} needs {count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _decode_tree(node):
+    if isinstance(node, dict):
+        if "encoding" in node and "data" in node:
+            return decode_tensor(node)
+        return {k: _decode_tree(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_decode_tree(v) for v in node]
+    return node
+
+
+def read_model(path):
+    """Load a seed-layout model file; every tensor dict becomes a numpy array, the rest
+    (meta, config, any extra keys) is returned as plain JSON values."""
+    with open(path, "r", encoding="utf-8") as f:
+        return _decode_tree(json.load(f))
