@@ -138,6 +138,93 @@ def inspect(model, tensors):
 
 
 # ---------------------------------------------------------------------------------------------
+# compare
+
+
+def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in ("torch", "cpp")]
+    if unknown:
+        raise click.BadParameter(f"unknown backend {unknown[0]!r} (choose from torch, cpp)")
+    return names
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--backends", default="torch,cpp", show_default=True, callback=_backend_list,
+              help="Built-in candidates, comma separated ('' for engines only).")
+@click.option("--engine", "engines", multiple=True, metavar="'CMD {model} {out}'",
+              help="External engine command (repeatable); see docs/engines.md.")
+@click.option("--engine-output", metavar="NAME", help="The engine's logits file name in {out}.")
+@click.option("--engine-timeout", type=click.FloatRange(min=0, min_open=True), default=300,
+              show_default=True, help="Seconds before an engine is killed.")
+@click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance [derived from the "
+              "reference's float32-vs-float64 noise]")
+@click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance [0]")
+@click.option("--decode", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also prefill S-N tokens, decode N one at a time, compare each step.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for every backend [torch's default]")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--intermediates/--no-intermediates", default=True, show_default=True,
+              help="Capture intermediates to find the first divergence.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the error-per-layer plot (PNG, SVG or PDF).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report as JSON (schema: xvalid-compare-report v1).")
+@click.option("--save-logits", type=click.Path(file_okay=False, path_type=Path),
+              help="Write every candidate's logits as DIR/NAME.npy.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@click.pass_context
+def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, rtol, decode,
+            threads, warmup, repeat, intermediates, plot, json_path, save_logits, quiet):
+    """Compare MODEL's candidates with the PyTorch reference; exit 0 pass, 1 mismatch."""
+    from .compare import CompareOptions, run_compare
+    from .files import atomic_write, save_arrays
+    from .progress import stderr_console
+    from .report import print_compare, report_json
+
+    if not backends and not engines:
+        raise click.UsageError("nothing to compare: give --backends and/or --engine")
+    opts = CompareOptions(backends=backends, engines=engines, engine_output=engine_output,
+                          engine_timeout=engine_timeout, atol=atol, rtol=rtol, decode=decode,
+                          threads=threads, warmup=warmup, repeat=repeat,
+                          intermediates=intermediates, argv=_compare_argv(ctx))
+    with stderr_console.status("comparing", spinner="dots") as status:
+        report = run_compare(model, opts, progress=lambda text: status.update(text))
+    arrays = report.pop("_arrays")
+    if save_logits is not None:
+        save_arrays(save_logits, arrays)
+    if json_path is not None:
+        text = report_json(report)
+        atomic_write(json_path, lambda fp: fp.write(text))
+    if plot is not None:
+        from .plot import plot_divergence
+        plot_divergence(report, plot)
+    if quiet:
+        click.echo(f"{report['verdict'].upper()} {model}")
+    else:
+        print_compare(report)
+    return report["exit_code"]
+
+
+def _compare_argv(ctx: click.Context) -> list[str]:
+    """The flags that change the verdict, for the reproduce line."""
+    p = ctx.params
+    argv = []
+    if p["backends"] != ("torch", "cpp"):
+        argv += ["--backends", ",".join(p["backends"])]
+    for engine in p["engines"]:
+        argv += ["--engine", engine]
+    for flag in ("engine_output", "atol", "rtol", "threads"):
+        if p[flag] is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(p[flag])]
+    if p["decode"]:
+        argv += ["--decode", str(p["decode"])]
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from rich.table import Table
 
 from .modelfile import LayerWeights, ModelFile, tensor_checksum
 
-console = Console(highlight=False, soft_wrap=True)
+# Not a terminal (CI logs, pipes): wide enough that the comparison tables do not fold.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 180)
 
 
 def _size(nbytes: int) -> str:
@@ -108,3 +110,152 @@ def print_inspect(mf: ModelFile, path: Path, show_tensors: bool = True) -> None:
                       _preview(array), tensor_checksum(array))
     console.print(table)
     console.print(f"{total:,} bytes of tensor data ({_size(total)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+
+
+def _g(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}e}" if value and (abs(value) < 1e-2 or abs(value) >= 1e4) else f"{value:.{digits + 2}g}"
+
+
+def _at(at: dict) -> str:
+    return f"b{at['batch']} s{at['position']} t{at['token']}"
+
+
+STATUS_STYLE = {"pass": "[bold green]PASS[/]", "fail": "[bold red]FAIL[/]",
+                "error": "[bold yellow]ERROR[/]"}
+
+
+def print_compare(report: dict) -> None:
+    m, tol = report["model"], report["tolerance"]
+    c = m["config"]
+    console.print(f"[bold]{m['path']}[/bold]: H={c['hidden_size']} L={c['num_hidden_layers']} "
+                  f"NH={c['num_attention_heads']} KVH={c['num_key_value_heads']} "
+                  f"V={c['vocab_size']} | B={m['batch_size']} S={m['seq_len']} "
+                  f"({m['unpadded_rows']} unpadded rows, {m['padded_rows']} padded) | "
+                  f"threads {report['threads']}")
+    console.print(f"tolerance: atol {tol['atol']:.2e} ({tol['atol_source']}; reference noise "
+                  f"float32 vs float64 {tol['reference_noise']:.2e}), rtol {tol['rtol']:g}")
+
+    table = Table(title="logits vs reference (torch float32; the torch row: vs float64)",
+                  title_justify="left")
+    for col in ("candidate", "max abs", "at", "mean abs", "RMSE", "max rel", "cosine", "NMSE",
+                "KL mean/max", "top-1", "budget", "verdict"):
+        table.add_column(col, justify="left" if col in ("candidate", "at", "verdict") else "right")
+    for cand in report["candidates"]:
+        status = STATUS_STYLE[cand["status"]]
+        if cand["status"] == "error":
+            table.add_row(cand["name"], f"[yellow]{cand['error']}[/]", *[""] * 9, status)
+            continue
+        x = cand["metrics"]
+        top1 = x["top1"]
+        nan = x["nonfinite"]
+        table.add_row(
+            cand["name"] + (" (ref)" if cand["kind"] == "reference" else ""),
+            _g(x["max_abs"]), _at(x["max_abs_at"]), _g(x["mean_abs"]), _g(x["rmse"]),
+            _g(x["max_rel"]), "-" if x["cosine"] is None else f"{x['cosine']:.9f}", _g(x["nmse"]),
+            f"{_g(x['kl_mean'])}/{_g(x['kl_max'])}",
+            f"{top1['agree']}/{top1['decisive_rows']}", f"{x['budget_used'] * 100:.3g}%",
+            status + (f" [red]{nan['count']} NaN/Inf, first at {nan['first']}[/]" if nan else ""))
+    console.print(table)
+
+    for cand in report["candidates"]:
+        div = cand.get("divergence")
+        if div:
+            print_divergence(cand["name"], div)
+        if cand.get("decode"):
+            d = cand["decode"]
+            steps = ", ".join(f"{s['step']}:{_g(s['max_abs'])}" for s in d["steps"])
+            console.print(f"{cand['name']} decode drift (prefill {d['prefill']}, then 1 token a "
+                          f"step; max abs per step vs the full forward): {steps} -> "
+                          f"{STATUS_STYLE['pass' if d['pass'] else 'fail']}")
+
+    timed = [c for c in report["candidates"] if "timing" in c or "process_ms" in c]
+    if timed:
+        timing = Table(title=f"timing (forward of B={m['batch_size']} S={m['seq_len']}, "
+                       f"{report['threads']} threads)", title_justify="left")
+        for col in ("candidate", "load ms", "median ms", "min ms", "max ms", "runs", "vs torch"):
+            timing.add_column(col, justify="left" if col == "candidate" else "right")
+        for cand in timed:
+            t = cand.get("timing")
+            if t is None:  # an external engine: one process, load included
+                timing.add_row(cand["name"], "-", f"{cand['process_ms']:.2f}", "-", "-",
+                               "1 (process, load included)", "-")
+                continue
+            ratio = t.get("ratio_to_torch")
+            timing.add_row(cand["name"], f"{cand['load_ms']:.1f}", f"{t['median_ms']:.3f}",
+                           f"{t['min_ms']:.3f}", f"{t['max_ms']:.3f}",
+                           f"{t['repeat']} (+{t['warmup']} warmup)",
+                           "-" if ratio is None else f"{ratio:.2f}x time")
+        console.print(timing)
+
+    verdict = report["verdict"]
+    failing = [c["name"] for c in report["candidates"] if c["status"] != "pass"]
+    if verdict == "pass":
+        worst = max(c["metrics"]["budget_used"] for c in report["candidates"])
+        console.print(f"verdict: {STATUS_STYLE['pass']} ({len(report['candidates'])} candidates "
+                      f"within atol {tol['atol']:.2e}; worst uses {worst * 100:.3g}% of the budget)")
+    else:
+        console.print(f"verdict: {STATUS_STYLE[verdict]} ({', '.join(failing)})")
+        for cand in report["candidates"]:
+            if cand["status"] == "fail":
+                x = cand["metrics"]
+                console.print(f"  {cand['name']}: smallest passing atol {_g(x['min_passing_atol'])}"
+                              f" (budget {tol['atol']:.2e})")
+        console.print(f"reproduce: {report['repro']}")
+
+
+def print_divergence(name: str, div: dict) -> None:
+    points = div["points"]
+    layers = sorted({p["layer"] for p in points if p["layer"] is not None})
+    kinds = list(dict.fromkeys(p["point"] for p in points if p["layer"] is not None))
+    table = Table(title=f"{name}: max abs error per layer and sublayer (red: over budget)",
+                  title_justify="left")
+    table.add_column("layer")
+    for kind in kinds:
+        table.add_column(kind, justify="right")
+    cell = {(p["layer"], p["point"]): p for p in points}
+
+    def fmt(p):
+        if p is None:
+            return ""
+        text = _g(p["error"], 1) if p.get("error") is not None else "shape"
+        return f"[red]{text}[/]" if p["diverged"] else text
+
+    for layer in layers:
+        table.add_row(str(layer), *(fmt(cell.get((layer, k))) for k in kinds))
+    console.print(table)
+    edges = [p for p in points if p["layer"] is None]
+    console.print("  " + ", ".join(f"{p['name']} {fmt(p)}" for p in edges))
+    first = div["first"]
+    if first is None:
+        console.print(f"{name}: no divergence: every intermediate within its budget")
+    else:
+        where = (f"layer {first['layer']}, {first['point']}" if first["layer"] is not None
+                 else first["point"])
+        detail = first.get("note") or (f"max abs {_g(first['error'])} > budget "
+                                       f"{_g(first['budget'])}")
+        console.print(f"{name}: [bold red]first divergence: {where}[/] ({first['name']}: {detail})")
+
+
+def report_json(report: dict) -> str:
+    """The report as JSON text; non-finite floats (a NaN candidate) become strings."""
+    import json
+    import math
+
+    def clean(obj):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return str(obj)
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [clean(v) for v in obj]
+        return obj
+
+    return json.dumps(clean(report), indent=2, allow_nan=False) + "\n"

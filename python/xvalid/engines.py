@@ -1,0 +1,122 @@
+"""External engines: any program that reads a model file and writes logits (docs/engines.md).
+
+Protocol: the command template gets {model} and {out} substituted (shell-quoted) and runs in a
+shell with OUT a fresh empty directory. On exit 0 the logits are the one .npy/.bin file in
+OUT (or the file named by --engine-output). A file starting with the .npy magic is read as
+.npy; anything else as raw little-endian float32 of exactly B*S*V*4 bytes. Optional
+intermediates: OUT/intermediates/NAME.npy with the names of docs/intermediates.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EngineError
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_logits_file(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """Logits (B,S,V) from an .npy file or a headerless float32 file; EngineError if unusable."""
+    expected = int(np.prod(shape))
+    with open(path, "rb") as fp:
+        magic = fp.read(len(NPY_MAGIC))
+    if magic == NPY_MAGIC:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise EngineError(f"{path.name}: unreadable .npy ({exc})") from None
+        if array.dtype.kind != "f":
+            raise EngineError(f"{path.name}: logits dtype {array.dtype}, expected float32")
+        if array.shape != shape:
+            raise EngineError(f"{path.name}: logits shape {list(array.shape)}, expected {list(shape)}")
+        return array
+    size = path.stat().st_size
+    if size != expected * 4:
+        raise EngineError(f"{path.name}: {size} bytes of raw float32, expected {expected * 4} "
+                          f"(B*S*V*4 for shape {list(shape)})")
+    return np.fromfile(path, dtype="<f4").reshape(shape)
+
+
+def read_intermediates(directory: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """OUT/intermediates/NAME.npy for the documented names that exist."""
+    out = {}
+    for name in names:
+        path = directory / f"{name}.npy"
+        if path.is_file():
+            try:
+                out[name] = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise EngineError(f"intermediates/{path.name}: unreadable .npy ({exc})") from None
+    return out
+
+
+INTERPRETERS = ("python", "python3", "bash", "sh", "env", "exec", "valgrind", "taskset")
+
+
+def program_name(template: str) -> str:
+    """The engine's own file name: 'python eng.py {model} {out}' -> 'eng.py'."""
+    try:
+        words = shlex.split(template)
+    except ValueError:
+        words = template.split()
+    for word in words:
+        name = Path(word).name
+        if word.startswith("-") or "=" in word or name.rstrip("0123456789.") in INTERPRETERS:
+            continue
+        return name
+    return "engine"
+
+
+class ExternalEngine:
+    """One --engine command template."""
+
+    def __init__(self, template: str, index: int, timeout: float, output_name: str | None = None):
+        if "{out}" not in template:
+            raise EngineError(f"--engine {template!r}: the command must contain {{out}}")
+        self.template, self.timeout, self.output_name = template, timeout, output_name
+        self.name = f"engine{index}:{program_name(template)}"
+
+    def command(self, model: Path, out: Path) -> str:
+        return (self.template.replace("{model}", shlex.quote(str(model)))
+                .replace("{out}", shlex.quote(str(out))))
+
+    def run(self, model: Path, out: Path) -> float:
+        """Run once into the empty directory `out`; returns wall seconds. EngineError on failure."""
+        command = self.command(model, out)
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: shells spawn children
+            proc.communicate()
+            raise EngineError(f"{self.name}: timed out after {self.timeout:g} s "
+                              f"(raise --engine-timeout?)") from None
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            last = (stderr.decode(errors="replace").strip().splitlines() or ["(no stderr)"])[-1]
+            raise EngineError(f"{self.name}: exited with code {proc.returncode}: {last[:300]}")
+        return elapsed
+
+    def logits_path(self, out: Path) -> Path:
+        if self.output_name:
+            path = out / self.output_name
+            if not path.is_file():
+                raise EngineError(f"{self.name}: wrote no {self.output_name} in its output directory")
+            return path
+        found = sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".npy", ".bin"))
+        if not found:
+            raise EngineError(f"{self.name}: wrote no .npy or .bin file in its output directory")
+        if len(found) > 1:
+            raise EngineError(f"{self.name}: wrote {len(found)} candidate files "
+                              f"({', '.join(p.name for p in found)}); name one with --engine-output")
+        return found[0]
