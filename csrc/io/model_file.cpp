@@ -1,0 +1,388 @@
+#include "model_file.h"
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include <nlohmann/json.hpp>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "model files hold little-endian tensors; this reader copies them as they are"
+#endif
+
+namespace xvalid {
+namespace {
+
+using json = nlohmann::json;
+
+// Every config size and every tensor dimension must be at most this. Sizes derived from
+// them (products of two or three) then fit in int64 and the kernel's int dimensions, and
+// a typo like hidden_size = 10^9 is an error instead of a giant allocation.
+constexpr int64_t kMaxDim = int64_t(1) << 24;
+
+constexpr int kFormatVersion = 1;  // the newest "format_version" this reader understands
+
+// dtype names a model file may carry. Any of them other than the one a tensor needs is
+// "not supported yet"; anything else is an unknown dtype.
+constexpr const char* kKnownDtypes[] = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn",
+                                        "float8_e5m2", "int8", "uint8", "int16", "int32", "int64", "bool"};
+
+// ---- base64: RFC 4648 standard alphabet, padded, no whitespace ----
+
+constexpr int8_t kNotBase64 = -1, kPadding = -2;
+
+// Table-driven: one lookup per character instead of range comparisons.
+constexpr std::array<int8_t, 256> make_base64_table() {
+    std::array<int8_t, 256> table{};
+    for (auto& value : table) value = kNotBase64;
+    const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (int i = 0; i < 64; i++) table[(unsigned char)alphabet[i]] = (int8_t)i;
+    table['='] = kPadding;
+    return table;
+}
+constexpr std::array<int8_t, 256> kBase64 = make_base64_table();
+
+// Bytes that a base64 text of length n (a multiple of 4) decodes to.
+size_t base64_decoded_size(const std::string& text) {
+    size_t n = text.size();
+    size_t padding = (n >= 1 && text[n - 1] == '=') + (n >= 2 && text[n - 2] == '=');
+    return n / 4 * 3 - padding;
+}
+
+// Decodes `text` (length a multiple of 4) into `out`, which holds base64_decoded_size(text)
+// bytes. Returns the offset of the first character that is invalid where it stands, or
+// npos. '=' is valid only as the last one or two characters.
+size_t base64_decode(const std::string& text, uint8_t* out) {
+    const auto* in = reinterpret_cast<const unsigned char*>(text.data());
+    size_t n = text.size();
+    for (size_t i = 0; i < n; i += 4) {
+        int a = kBase64[in[i]], b = kBase64[in[i + 1]], c = kBase64[in[i + 2]], d = kBase64[in[i + 3]];
+        bool last = i + 4 == n;
+        if (a < 0) return i;
+        if (b < 0) return i + 1;
+        if (c == kNotBase64 || (c == kPadding && !(last && d == kPadding))) return i + 2;
+        if (d == kNotBase64 || (d == kPadding && !last)) return i + 3;
+        uint32_t bits = (uint32_t)a << 18 | (uint32_t)b << 12 | (uint32_t)std::max(c, 0) << 6 | (uint32_t)std::max(d, 0);
+        *out++ = (uint8_t)(bits >> 16);
+        if (c >= 0) *out++ = (uint8_t)(bits >> 8);
+        if (d >= 0) *out++ = (uint8_t)bits;
+    }
+    return std::string::npos;
+}
+
+// ---- messages ----
+
+std::string join_key(const std::string& parent, const std::string& name) {
+    return parent.empty() ? name : parent + "." + name;
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
+// A JSON value as it appears in the file, cut short for a one-line message.
+std::string brief(const json& value) {
+    std::string s = value.dump();
+    return s.size() <= 40 ? s : s.substr(0, 37) + "...";
+}
+
+std::string char_str(unsigned char ch) {
+    if (ch >= 0x20 && ch < 0x7f) return std::string("'") + (char)ch + "'";
+    char hex[8];
+    std::snprintf(hex, sizeof hex, "0x%02x", ch);
+    return hex;
+}
+
+// ---- the reader ----
+
+// A tensor entry whose dtype and shape have been read, not yet decoded.
+struct TensorEntry {
+    std::string key;             // e.g. "weights.layers[1].wk"
+    std::vector<int64_t> shape;  // each dimension in [0, kMaxDim]
+    const std::string* base64;   // the "data" text
+};
+
+class Reader {
+public:
+    explicit Reader(std::string path) : path_(std::move(path)) {}
+
+    ModelFile load() {
+        json root = parse();
+        if (!root.is_object()) fail("(top level)", "expected a JSON object, found " + brief(root));
+        check_format_version(root);
+        ModelFile file;
+        file.config = read_config(root);
+        file.weights = read_weights(root, file.config, file.tensors);
+        if (const json* inputs = find(root, "inputs")) file.inputs = read_inputs(*inputs);
+        return file;
+    }
+
+private:
+    [[noreturn]] void fail(const std::string& key, const std::string& what) const {
+        throw ModelFileError(path_ + ": " + key + ": " + what);
+    }
+
+    json parse() const {
+        std::error_code ec;
+        if (std::filesystem::is_directory(path_, ec)) throw ModelFileError(path_ + ": is a directory, not a model file");
+        std::ifstream f(path_, std::ios::binary);
+        if (!f) throw ModelFileError(path_ + ": cannot open model file: " + std::strerror(errno));
+        std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        if (f.bad()) throw ModelFileError(path_ + ": cannot read model file: " + std::strerror(errno));
+        try {
+            return json::parse(text);
+        } catch (const json::parse_error& e) {
+            // e.what() names the byte, line and column: "... parse error at line 1, column 9: ..."
+            throw ModelFileError(path_ + ": not valid JSON: " + e.what());
+        }
+    }
+
+    // The member `name` of `parent` (found at key `parent_key`); null counts as absent.
+    const json* find(const json& parent, const char* name) const {
+        auto it = parent.find(name);
+        return it == parent.end() || it->is_null() ? nullptr : &*it;
+    }
+
+    const json& member(const json& parent, const std::string& parent_key, const char* name) const {
+        if (!parent.is_object()) fail(parent_key, "expected a JSON object, found " + brief(parent));
+        const json* value = find(parent, name);
+        if (!value) fail(join_key(parent_key, name), "missing from the model file");
+        return *value;
+    }
+
+    const json& object_member(const json& parent, const std::string& parent_key, const char* name) const {
+        const json& value = member(parent, parent_key, name);
+        if (!value.is_object()) fail(join_key(parent_key, name), "expected a JSON object, found " + brief(value));
+        return value;
+    }
+
+    // A size: an integer in [1, kMaxDim]. (The parser stores every non-negative integer
+    // as number_unsigned, so that test also rejects negatives, floats and strings.)
+    int dimension(const json& value, const std::string& key) const {
+        if (!value.is_number_unsigned() || value.get<uint64_t>() < 1) {
+            fail(key, "must be a positive integer, found " + brief(value));
+        }
+        uint64_t n = value.get<uint64_t>();
+        if (n > (uint64_t)kMaxDim) {
+            fail(key, "= " + std::to_string(n) + " exceeds the supported maximum " + std::to_string(kMaxDim));
+        }
+        return (int)n;
+    }
+
+    // An optional positive finite number, `fallback` when absent.
+    double positive_number(const json& parent, const char* name, double fallback) const {
+        const json* value = find(parent, name);
+        if (!value) return fallback;
+        std::string key = join_key("config", name);
+        if (!value->is_number()) fail(key, "must be a number, found " + brief(*value));
+        double x = value->get<double>();
+        if (!std::isfinite(x) || x <= 0) fail(key, "must be positive and finite, found " + brief(*value));
+        return x;
+    }
+
+    void check_format_version(const json& root) const {
+        const json* version = find(root, "format_version");
+        if (!version) return;  // files from before versioning (the seed's) are version 1
+        if (!version->is_number_integer()) fail("format_version", "must be an integer, found " + brief(*version));
+        if (version->get<int64_t>() > kFormatVersion) {
+            fail("format_version", std::to_string(version->get<int64_t>()) + " is newer than this reader supports (" +
+                                       std::to_string(kFormatVersion) + "); update xvalid");
+        }
+    }
+
+    Config read_config(const json& root) const {
+        const json& cfg = object_member(root, "", "config");
+        auto required = [&](const char* name) { return dimension(member(cfg, "config", name), join_key("config", name)); };
+        Config c{};
+        c.hidden_size = required("hidden_size");
+        c.num_layers = required("num_hidden_layers");
+        c.num_heads = required("num_attention_heads");
+        c.num_kv_heads = required("num_key_value_heads");
+        c.vocab_size = required("vocab_size");
+        c.intermediate_size = required("intermediate_size");
+        c.rms_norm_eps = positive_number(cfg, "rms_norm_eps", 1e-5);
+        c.rope_theta = positive_number(cfg, "rope_theta", 1e6);
+        // unknown until the RoPE tables are read when the config does not say
+        const json* max_pos = find(cfg, "max_position_embeddings");
+        c.max_position_embeddings = max_pos ? dimension(*max_pos, "config.max_position_embeddings") : 0;
+
+        // head_dim: config.head_dim, else meta.head_dim, else H / NH
+        const json* meta = find(root, "meta");
+        if (meta && !meta->is_object()) meta = nullptr;
+        if (const json* hd = find(cfg, "head_dim")) {
+            c.head_dim = dimension(*hd, "config.head_dim");
+        } else if (const json* meta_hd = meta ? find(*meta, "head_dim") : nullptr) {
+            c.head_dim = dimension(*meta_hd, "meta.head_dim");
+        } else if (c.hidden_size % c.num_heads != 0) {
+            fail("config.hidden_size", std::to_string(c.hidden_size) + " is not a multiple of num_attention_heads " +
+                                           std::to_string(c.num_heads) + " and no head_dim is given");
+        } else {
+            c.head_dim = c.hidden_size / c.num_heads;
+        }
+
+        if (c.num_heads % c.num_kv_heads != 0) {
+            fail("config.num_key_value_heads", std::to_string(c.num_kv_heads) + " does not divide num_attention_heads " +
+                                                   std::to_string(c.num_heads));
+        }
+        if (c.head_dim % 2 != 0) fail("config.head_dim", std::to_string(c.head_dim) + " must be even (RoPE rotates halves)");
+        if ((int64_t)c.num_heads * c.head_dim > kMaxDim) {
+            fail("config.num_attention_heads", "num_attention_heads * head_dim exceeds the supported maximum " +
+                                                   std::to_string(kMaxDim));
+        }
+        return c;
+    }
+
+    // Reads the entry's encoding, dtype (must be `dtype`) and shape.
+    TensorEntry entry(const json& parent, const std::string& parent_key, const char* name, const char* dtype) const {
+        TensorEntry t;
+        t.key = join_key(parent_key, name);
+        const json& node = member(parent, parent_key, name);
+        if (!node.is_object()) fail(t.key, "expected a tensor {shape, dtype, encoding, data}, found " + brief(node));
+        auto string_field = [&](const char* field) -> const std::string& {
+            const json& value = member(node, t.key, field);
+            if (!value.is_string()) fail(t.key, std::string(field) + " must be a string, found " + brief(value));
+            return value.get_ref<const std::string&>();
+        };
+        const std::string& encoding = string_field("encoding");
+        if (encoding != "base64") fail(t.key, "encoding '" + encoding + "' not supported (expected base64)");
+        const std::string& found = string_field("dtype");
+        if (found != dtype) {
+            bool known = std::any_of(std::begin(kKnownDtypes), std::end(kKnownDtypes), [&](const char* d) { return found == d; });
+            fail(t.key, (known ? "dtype " + found + " not supported yet" : "unknown dtype '" + found + "'") +
+                            " (expected " + dtype + ")");
+        }
+        const json& shape = member(node, t.key, "shape");
+        if (!shape.is_array()) fail(t.key, "shape must be a list of integers, found " + brief(shape));
+        for (const json& d : shape) {
+            if (!d.is_number_unsigned() || d.get<uint64_t>() > (uint64_t)kMaxDim) {
+                fail(t.key, "shape " + brief(shape) + " must hold integers in [0, " + std::to_string(kMaxDim) + "]");
+            }
+            t.shape.push_back(d.get<int64_t>());
+        }
+        t.base64 = &string_field("data");
+        return t;
+    }
+
+    void expect_shape(const TensorEntry& t, const std::vector<int64_t>& expected) const {
+        if (t.shape != expected) {
+            fail(t.key, "shape " + shape_str(t.shape) + " does not match the config: expected " + shape_str(expected));
+        }
+    }
+
+    // Decodes the entry (shape already checked, so at most 3 bounded dimensions) into a
+    // new array. The byte length is checked before anything is allocated.
+    template <typename T>
+    std::vector<T> decode(const TensorEntry& t) const {
+        size_t numel = 1;
+        for (int64_t d : t.shape) numel *= (size_t)d;
+        const std::string& text = *t.base64;
+        if (text.size() % 4 != 0) fail(t.key, "invalid base64: length " + std::to_string(text.size()) + " is not a multiple of 4");
+        size_t nbytes = base64_decoded_size(text);
+        if (nbytes != numel * sizeof(T)) {
+            fail(t.key, "data holds " + std::to_string(nbytes) + " bytes, shape " + shape_str(t.shape) + " needs " +
+                            std::to_string(numel * sizeof(T)));
+        }
+        std::vector<T> values(numel);
+        size_t bad = base64_decode(text, reinterpret_cast<uint8_t*>(values.data()));
+        if (bad != std::string::npos) {
+            fail(t.key, "invalid base64 character " + char_str((unsigned char)text[bad]) + " at offset " + std::to_string(bad));
+        }
+        return values;
+    }
+
+    // A float32 tensor of the given shape, decoded into `tensors`; all elements finite.
+    const float* weight(const json& parent, const std::string& parent_key, const char* name,
+                        const std::vector<int64_t>& shape, std::vector<std::vector<float>>& tensors) const {
+        TensorEntry t = entry(parent, parent_key, name, "float32");
+        expect_shape(t, shape);
+        std::vector<float> values = decode<float>(t);
+        for (size_t i = 0; i < values.size(); i++) {
+            if (!std::isfinite(values[i])) {
+                fail(t.key, "element " + std::to_string(i) + " (flat index) is " + std::to_string(values[i]) +
+                                "; weights must be finite");
+            }
+        }
+        tensors.push_back(std::move(values));
+        return tensors.back().data();  // stays valid as `tensors` grows: elements move, buffers do not
+    }
+
+    Weights read_weights(const json& root, Config& c, std::vector<std::vector<float>>& tensors) const {
+        int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size, hd = c.head_dim;
+        int64_t q_dim = (int64_t)c.num_heads * hd, kv_dim = (int64_t)c.num_kv_heads * hd;
+        Weights w{};
+
+        // RoPE tables; their rows give max_position_embeddings when the config does not
+        const json& rope = object_member(root, "", "rope");
+        if (c.max_position_embeddings == 0) {
+            TensorEntry cos = entry(rope, "rope", "cos", "float32");
+            if (cos.shape.size() != 2 || cos.shape[0] < 1) {
+                fail(cos.key, "shape " + shape_str(cos.shape) + " is not (max_position_embeddings, head_dim)");
+            }
+            c.max_position_embeddings = (int)cos.shape[0];
+        }
+        int64_t max_pos = c.max_position_embeddings;
+        w.rope_cos = weight(rope, "rope", "cos", {max_pos, hd}, tensors);
+        w.rope_sin = weight(rope, "rope", "sin", {max_pos, hd}, tensors);
+
+        const json& weights = object_member(root, "", "weights");
+        w.tok_embedding = weight(weights, "weights", "tok_embedding", {V, H}, tensors);
+        w.final_rms = weight(weights, "weights", "final_rms", {H}, tensors);
+        // tied head: files may leave lm_head out, since it equals tok_embedding
+        w.lm_head = find(weights, "lm_head") ? weight(weights, "weights", "lm_head", {V, H}, tensors) : w.tok_embedding;
+
+        const json& layers = member(weights, "weights", "layers");
+        if (!layers.is_array() || layers.size() != (size_t)c.num_layers) {
+            fail("weights.layers", "expected a list of num_hidden_layers = " + std::to_string(c.num_layers) +
+                                       " layers, found " + (layers.is_array() ? std::to_string(layers.size()) + " entries" : brief(layers)));
+        }
+        for (int l = 0; l < c.num_layers; l++) {
+            const json& layer = layers[l];
+            std::string key = "weights.layers[" + std::to_string(l) + "]";
+            LayerWeights lw{};
+            lw.rms_attn = weight(layer, key, "rms_attn", {H}, tensors);
+            lw.wq = weight(layer, key, "wq", {q_dim, H}, tensors);
+            lw.wk = weight(layer, key, "wk", {kv_dim, H}, tensors);
+            lw.wv = weight(layer, key, "wv", {kv_dim, H}, tensors);
+            lw.wo = weight(layer, key, "wo", {H, q_dim}, tensors);
+            lw.rms_ffn = weight(layer, key, "rms_ffn", {H}, tensors);
+            lw.w_gate = weight(layer, key, "w_gate", {I, H}, tensors);
+            lw.w_up = weight(layer, key, "w_up", {I, H}, tensors);
+            lw.w_down = weight(layer, key, "w_down", {H, I}, tensors);
+            w.layers.push_back(lw);
+        }
+        return w;
+    }
+
+    Inputs read_inputs(const json& inputs) const {
+        TensorEntry ids = entry(inputs, "inputs", "input_ids", "int32");
+        if (ids.shape.size() != 2 || ids.shape[0] < 1 || ids.shape[1] < 1) {
+            fail(ids.key, "shape " + shape_str(ids.shape) + " is not (B, S) with B, S >= 1");
+        }
+        TensorEntry mask = entry(inputs, "inputs", "attention_mask", "uint8");
+        if (mask.shape != ids.shape) {
+            fail(mask.key, "shape " + shape_str(mask.shape) + " differs from input_ids' " + shape_str(ids.shape));
+        }
+        Inputs in;
+        in.B = (int)ids.shape[0];
+        in.S = (int)ids.shape[1];
+        in.input_ids = decode<int32_t>(ids);
+        in.attention_mask = decode<uint8_t>(mask);
+        return in;
+    }
+
+    std::string path_;
+};
+
+}  // namespace
+
+ModelFile load_model_file(const std::string& path) { return Reader(path).load(); }
+
+}  // namespace xvalid

@@ -1,0 +1,51 @@
+// Reads the JSON model file (layout: shared/model-spec.md, "model file layout"):
+// config, RoPE tables and weights as base64 tensors, and optionally an example batch.
+// Every tensor is checked (present, base64, dtype, shape against the config, byte
+// length, finite) before the kernel sees it.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernel/transformer.h"
+
+namespace xvalid {
+
+// A model file that cannot be used: missing, not JSON, a missing key, a wrong dtype or
+// shape, bad base64, a non-finite weight, an unsupported format_version, ... The message
+// is one line: "<path>: <key>: <what is wrong>", e.g. "m.json: weights.layers[1].wk: ...".
+struct ModelFileError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// The example batch a model file may carry: inputs.input_ids and inputs.attention_mask.
+// Values are not checked here; the kernel checks them when they are used.
+struct Inputs {
+    int B = 0;
+    int S = 0;
+    std::vector<int32_t> input_ids;       // (B, S)
+    std::vector<uint8_t> attention_mask;  // (B, S) 1 = keep, 0 = padding
+};
+
+// A loaded model file. It owns the tensors that `weights` points into, so it can be
+// moved (the buffers move with it) but not copied.
+struct ModelFile {
+    Config config;
+    Weights weights;
+    std::optional<Inputs> inputs;      // absent when the file has no "inputs"
+    std::vector<std::vector<float>> tensors;  // the decoded float32 tensors, one buffer each
+
+    ModelFile() = default;
+    ModelFile(ModelFile&&) = default;
+    ModelFile& operator=(ModelFile&&) = default;
+    ModelFile(const ModelFile&) = delete;
+    ModelFile& operator=(const ModelFile&) = delete;
+};
+
+// Loads and checks the model file at `path`. Throws ModelFileError.
+ModelFile load_model_file(const std::string& path);
+
+}  // namespace xvalid

@@ -1,0 +1,133 @@
+// The Llama/MiniMind2 decoder in plain C++ (semantics: shared/model-spec.md).
+//
+// Three structs make the architecture visible: Config (hyperparameters), Weights
+// (borrowed pointers to the tensors, each with its shape), RunState (activation
+// buffers and the KV cache). Transformer ties them together: step() appends T
+// tokens per sequence to the KV cache and returns their logits, so prefill and
+// decode are the same code path; forward() is reset_cache() + step().
+//
+// Dimensions: B = batch, T = new tokens in this call, p0 = tokens already in the
+// cache, H = hidden, L = layers, NH/KVH = query/key-value heads, hd = head_dim,
+// I = intermediate size, V = vocab.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+
+namespace xvalid {
+
+struct Config {
+    int hidden_size;              // H, width of the residual stream
+    int num_layers;               // L, decoder layers
+    int num_heads;                // NH, query heads
+    int num_kv_heads;             // KVH, key/value heads; NH % KVH == 0 (grouped-query attention)
+    int head_dim;                 // hd, usually H / NH; even, since RoPE rotates two halves
+    int intermediate_size;        // I, hidden width of the SwiGLU feed-forward
+    int vocab_size;               // V
+    int max_position_embeddings;  // rows of the RoPE tables: the longest sequence, cache included
+    double rms_norm_eps;          // added (in fp32, like the reference) to mean(x^2) in every rmsnorm
+    double rope_theta;            // RoPE base; informational, the kernel uses the file's tables
+};
+
+struct LayerWeights {
+    const float* rms_attn;  // (H) attention rmsnorm weight
+    const float* wq;        // (NH*hd, H)
+    const float* wk;        // (KVH*hd, H)
+    const float* wv;        // (KVH*hd, H)
+    const float* wo;        // (H, NH*hd)
+    const float* rms_ffn;   // (H) feed-forward rmsnorm weight
+    const float* w_gate;    // (I, H)
+    const float* w_up;      // (I, H)
+    const float* w_down;    // (H, I)
+};
+
+// Borrowed: whoever fills these pointers (the model-file loader) owns the memory.
+struct Weights {
+    const float* tok_embedding;        // (V, H)
+    std::vector<LayerWeights> layers;  // (L)
+    const float* final_rms;            // (H)
+    const float* lm_head;              // (V, H); tied models point it at tok_embedding
+    // RoPE tables as stored in the file, not recomputed: tables computed in numpy and
+    // in torch differ by up to 6e-8, and the reference uses the file's.
+    const float* rope_cos;             // (max_pos, hd)
+    const float* rope_sin;             // (max_pos, hd)
+};
+
+// Activation buffers for rows = B*T token rows, grown (never shrunk) when a call needs
+// more rows, and the KV cache, grown when it needs more positions.
+struct RunState {
+    int row_capacity = 0;       // token rows the activation buffers hold
+    std::vector<float> x;       // (rows, H) residual stream
+    std::vector<float> xb;      // (rows, H) rmsnorm output: the input of a sublayer or of the head
+    std::vector<float> q;       // (rows, NH*hd) queries, after RoPE
+    std::vector<float> k;       // (rows, KVH*hd) this call's keys, after RoPE (copied into the cache)
+    std::vector<float> v;       // (rows, KVH*hd) this call's values
+    std::vector<float> heads;   // (rows, NH*hd) per-head attention outputs, head-major
+    std::vector<float> proj;    // (rows, H) sublayer output (attn_out, then ffn_out) before the residual add
+    std::vector<float> gate;    // (rows, I) m Wgate^T, then silu(gate) * up in place
+    std::vector<float> up;      // (rows, I) m Wup^T
+    std::vector<float> logits;  // (rows, V)
+    // KV cache: keys after RoPE, for positions 0 .. cache_len-1 of every sequence.
+    int cache_batch = 0;        // B the cache is laid out for
+    int cache_capacity = 0;     // positions per sequence; at most max_position_embeddings
+    std::vector<float> key_cache;    // (L, B, capacity, KVH, hd)
+    std::vector<float> value_cache;  // (L, B, capacity, KVH, hd)
+    std::vector<float> scores;       // (B*NH, capacity) attention scratch, one row per (sequence, head)
+};
+
+// One call's tokens. Ids and mask are int64, like torch's LongTensor, so callers convert
+// any integer array to them without loss and a bad value is reported exactly as given.
+struct StepInput {
+    const int64_t* ids = nullptr;   // (B, T) token ids in [0, V)
+    int64_t B = 0;
+    int64_t T = 0;
+    // (mask_rows, mask_cols), which must be (B, cache_len + T): every key the new tokens
+    // see, the cached ones then the new ones. 1 = attend, 0 = padding. nullptr = all ones.
+    const int64_t* mask = nullptr;
+    int64_t mask_rows = 0;
+    int64_t mask_cols = 0;
+};
+
+// A captured intermediate (docs/intermediates.md): "layer0.q" with shape (B, T, NH, hd), ...
+struct Intermediate {
+    std::string name;
+    std::vector<int64_t> shape;
+    std::vector<float> data;  // C order
+};
+using Intermediates = std::vector<Intermediate>;  // in forward order
+
+class Transformer {
+public:
+    // Borrows the weights: they must outlive the Transformer. The config must be valid
+    // (the loader checks it).
+    Transformer(const Config& config, const Weights& weights);
+
+    const Config& config() const { return config_; }
+    int cache_len() const { return cache_len_; }  // p0: positions already in the KV cache
+    void reset_cache() { cache_len_ = 0; }
+
+    // Appends in.T tokens per sequence to the KV cache at positions p0 .. p0+T-1
+    // (absolute: padding does not shift them) and returns their logits (B, T, V),
+    // valid until the next call. With capture, fills *capture (cleared first) with the
+    // named intermediates of docs/intermediates.md; without, they cost nothing.
+    // Throws InputError, leaving the cache as it was, for a bad input.
+    const float* step(const StepInput& in, Intermediates* capture = nullptr);
+
+    // The whole sequence from an empty cache: reset_cache() + step().
+    const float* forward(const StepInput& in, Intermediates* capture = nullptr);
+
+private:
+    void check_input(const StepInput& in, int p0) const;
+    void reserve_rows(int rows);
+    void reserve_cache(int B, int n_positions);
+
+    Config config_;
+    Weights weights_;
+    RunState state_;
+    int cache_len_ = 0;
+};
+
+}  // namespace xvalid
