@@ -49,3 +49,35 @@ def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "tiny.json"
     run_xvalid("generate", "-o", path, check=True)
     return path
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def assert_one_line_error(self, code: int, *needles: str) -> None:
+        """The contract for bad input: one line on stderr naming the problem, no traceback."""
+        assert self.code == code, f"exit {self.code}, expected {code}\n{self.out}\n{self.err}"
+        lines = self.err.strip().splitlines()
+        assert len(lines) == 1, f"expected one line on stderr, got:\n{self.err}"
+        assert "Traceback" not in self.err and "internal error" not in self.err, self.err
+        for needle in needles:
+            assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*args) runs the real entry point in-process (fast) and returns exit code + output."""
+    from xvalid.cli import main
+
+    def invoke(*args) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke

@@ -75,6 +75,14 @@ def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_p
     cfg = ModelConfig.from_json(base)
     mf = generate_model(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed, pad=pad,
                         init_std=init_std)
+    # Every flag spelled out: the file says how to make it again (compare's reproduce line).
+    mf.meta["generator"]["command"] = (
+        f"xvalid generate --hidden {cfg.hidden_size} --layers {cfg.num_hidden_layers} "
+        f"--heads {cfg.num_attention_heads} --kv-heads {cfg.num_key_value_heads} "
+        f"--vocab {cfg.vocab_size} --intermediate {cfg.intermediate_size} "
+        f"--max-pos {cfg.max_position_embeddings} --rope-theta {cfg.rope_theta:g} "
+        f"--eps {cfg.rms_norm_eps:g} --seq-len {seq_len} --batch-size {batch_size} "
+        f"--pad {mf.meta['generator']['pad_rows']} --seed {seed} --init-std {init_std:g}")
     # Record the reference's logit statistics, so a later PASS is known to mean something.
     logits = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
     mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}

@@ -81,7 +81,8 @@ def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, s
     cos, sin = rope_tables(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
     meta = {"seed": seed, "B": batch_size, "S": seq_len, "head_dim": cfg.head_dim,
             "generator": {"tool": "xvalid", "version": __version__, "init_std": init_std,
-                          "norm_weights": "uniform(0.5, 1.5)", "padding": padding}}
+                          "norm_weights": "uniform(0.5, 1.5)", "pad_rows": pad,
+                          "padding": padding}}
     return ModelFile(cfg, weights, ids, mask, cos, sin, meta)
 
 

@@ -124,6 +124,11 @@ def _g(value, digits: int = 2) -> str:
     return f"{value:.{digits}e}" if value and (abs(value) < 1e-2 or abs(value) >= 1e4) else f"{value:.{digits + 2}g}"
 
 
+def _share(used: float) -> str:
+    """Share of the tolerance budget used: '12%', or '450x' once far over."""
+    return f"{used * 100:.3g}%" if used < 10 else f"{used:.3g}x"
+
+
 def _at(at: dict) -> str:
     return f"b{at['batch']} s{at['position']} t{at['token']}"
 
@@ -161,7 +166,7 @@ def print_compare(report: dict) -> None:
             _g(x["max_abs"]), _at(x["max_abs_at"]), _g(x["mean_abs"]), _g(x["rmse"]),
             _g(x["max_rel"]), "-" if x["cosine"] is None else f"{x['cosine']:.9f}", _g(x["nmse"]),
             f"{_g(x['kl_mean'])}/{_g(x['kl_max'])}",
-            f"{top1['agree']}/{top1['decisive_rows']}", f"{x['budget_used'] * 100:.3g}%",
+            f"{top1['agree']}/{top1['decisive_rows']}", _share(x["budget_used"]),
             status + (f" [red]{nan['count']} NaN/Inf, first at {nan['first']}[/]" if nan else ""))
     console.print(table)
 
@@ -200,7 +205,7 @@ def print_compare(report: dict) -> None:
     if verdict == "pass":
         worst = max(c["metrics"]["budget_used"] for c in report["candidates"])
         console.print(f"verdict: {STATUS_STYLE['pass']} ({len(report['candidates'])} candidates "
-                      f"within atol {tol['atol']:.2e}; worst uses {worst * 100:.3g}% of the budget)")
+                      f"within atol {tol['atol']:.2e}; worst uses {_share(worst)} of the budget)")
     else:
         console.print(f"verdict: {STATUS_STYLE[verdict]} ({', '.join(failing)})")
         for cand in report["candidates"]:
