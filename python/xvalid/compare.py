@@ -135,6 +135,8 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
 
     if opts.decode < 0:
         raise InputError("--decode must be >= 0")
+    engines = [ExternalEngine(template, index, opts.engine_timeout, opts.engine_output)
+               for index, template in enumerate(opts.engines, start=1)]
     progress("reading the model file")
     start = time.perf_counter()
     mf = read_model(model)
@@ -186,10 +188,9 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
             backends[name] = backend
         candidates.append(cand)
 
-    for index, template in enumerate(opts.engines, start=1):
-        engine = ExternalEngine(template, index, opts.engine_timeout, opts.engine_output)
+    for engine in engines:
         cand = Candidate(engine.name, "engine")
-        cand.report["command"] = template
+        cand.report["command"] = engine.template
         progress(f"running {engine.name}")
         with tempfile.TemporaryDirectory(prefix="xvalid-engine-") as tmp:
             out = Path(tmp)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EngineError
+from .errors import EngineError, InputError
 
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -80,7 +80,7 @@ class ExternalEngine:
 
     def __init__(self, template: str, index: int, timeout: float, output_name: str | None = None):
         if "{out}" not in template:
-            raise EngineError(f"--engine {template!r}: the command must contain {{out}}")
+            raise InputError(f"--engine {template!r}: the command must contain {{out}}")
         self.template, self.timeout, self.output_name = template, timeout, output_name
         self.name = f"engine{index}:{program_name(template)}"
 

@@ -156,7 +156,7 @@ def print_compare(report: dict) -> None:
     for cand in report["candidates"]:
         status = STATUS_STYLE[cand["status"]]
         if cand["status"] == "error":
-            table.add_row(cand["name"], f"[yellow]{cand['error']}[/]", *[""] * 9, status)
+            table.add_row(cand["name"], "[yellow]did not run (below)[/]", *[""] * 9, status)
             continue
         x = cand["metrics"]
         top1 = x["top1"]
@@ -171,6 +171,8 @@ def print_compare(report: dict) -> None:
     console.print(table)
 
     for cand in report["candidates"]:
+        if cand["status"] == "error":
+            console.print(f"{cand['name']}: {STATUS_STYLE['error']} {cand['error']}")
         div = cand.get("divergence")
         if div:
             print_divergence(cand["name"], div)

@@ -1,0 +1,199 @@
+"""`xvalid compare` against external engines kept as fixtures: a correct one must PASS; each
+classic engine bug must FAIL with exit 1 and the right first divergence; every protocol
+failure is a clear error. Then the report's JSON schema, plots and usage errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ENGINES
+
+ENGINE = f"{sys.executable} {ENGINES / 'numpy_engine.py'} {{model}} {{out}}"
+SCHEMA = Path(__file__).parent.parent / "python" / "xvalid" / "schemas" / "compare-report.schema.json"
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tmp_path_factory):
+    """GQA 8/2 with a left-padded row and random norm weights: every bug below is observable."""
+    from conftest import generate_flags, run_xvalid
+    path = tmp_path_factory.mktemp("cmp") / "m.json"
+    run_xvalid("generate", *generate_flags(seq_len=8, batch_size=3, pad=2, seed=11), "-o", path,
+               check=True)
+    return path
+
+
+def compare_json(cli, tmp_path, model, *args):
+    report = tmp_path / "report.json"
+    result = cli("compare", model, "--backends", "torch", "--repeat", 1, "--warmup", 0,
+                 "--json", report, *args)
+    return result, (json.loads(report.read_text()) if report.exists() else None)
+
+
+def engine_row(report):
+    return next(c for c in report["candidates"] if c["kind"] == "engine")
+
+
+@pytest.mark.parametrize("fmt,name", [("raw", "made_up.f32"), ("npy", "logits.npy"),
+                                      ("raw", None)])
+def test_correct_engine_passes(cli, tmp_path, gqa_model, fmt, name):
+    command = ENGINE + f" --format {fmt}" + (f" --output-name {name}" if name else "")
+    extra = ["--engine-output", name] if name and not name.endswith((".npy", ".bin")) else []
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", command, *extra)
+    assert result.code == 0, result.out + result.err
+    row = engine_row(report)
+    assert row["status"] == "pass" and row["divergence"]["first"] is None
+    assert 0 < row["metrics"]["max_abs"] < report["tolerance"]["atol"]
+    assert row["metrics"]["top1"]["agree"] == row["metrics"]["top1"]["decisive_rows"] > 0
+    assert "PASS" in result.out
+
+
+def test_engine_without_intermediates_is_still_judged(cli, tmp_path, gqa_model):
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine",
+                                  ENGINE + " --no-intermediates --bug gqa")
+    assert result.code == 1
+    assert "divergence" not in engine_row(report)
+
+
+# bug -> (layer, sublayer) where it first shows; measured independently on this config
+BUGS = {
+    "gqa": (0, "attn_heads"),
+    "rope-k-missing": (0, "k"),
+    "rope-interleaved": (0, "q"),
+    "no-padding-mask": (0, "attn_heads"),
+    "attn-lost": (0, "attn_out"),
+    "norm-weight-ignored": (0, "attn_norm"),
+    "causal-off-by-one": (0, "attn_heads"),
+    "nan": (None, "logits"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(BUGS))
+def test_broken_engine_fails_with_the_right_first_divergence(cli, tmp_path, gqa_model, bug):
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + f" --bug {bug}")
+    assert result.code == 1, result.out + result.err
+    row = engine_row(report)
+    assert row["status"] == "fail" and report["verdict"] == "fail"
+    first = row["divergence"]["first"]
+    assert (first["layer"], first["point"]) == BUGS[bug]
+    layer, point = BUGS[bug]
+    where = f"layer {layer}, {point}" if layer is not None else point
+    assert f"first divergence: {where}" in result.out
+    assert "reproduce: xvalid generate" in result.out and f"--bug {bug}" in result.out
+    if bug == "nan":
+        assert row["metrics"]["nonfinite"]["count"] == 1
+        assert row["metrics"]["nonfinite"]["first"][:2] == [0, 7]
+
+
+@pytest.mark.parametrize("mode,needle", [
+    ("exit3", "exited with code 3"),
+    ("short", "bytes of raw float32, expected"),
+    ("none-written", "wrote no .npy or .bin file"),
+    ("two-files", "name one with --engine-output"),
+])
+def test_engine_protocol_failures_are_clear_errors(cli, tmp_path, gqa_model, mode, needle):
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + f" --fail {mode}")
+    assert result.code == 3, result.out + result.err
+    assert "Traceback" not in result.out + result.err
+    row = engine_row(report)
+    assert row["status"] == "error" and needle in row["error"]
+    assert needle in result.out
+
+
+def test_engine_timeout_kills_it(cli, tmp_path, gqa_model):
+    import time
+    start = time.monotonic()
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + " --fail sleep",
+                                  "--engine-timeout", 1)
+    assert result.code == 3 and "timed out after 1 s" in engine_row(report)["error"]
+    assert time.monotonic() - start < 30
+
+
+def test_wrong_npy_shape_and_named_output_missing(cli, tmp_path, gqa_model):
+    script = tmp_path / "wrong_shape.py"
+    script.write_text("import sys, numpy as np\n"
+                      "np.save(sys.argv[2] + '/logits.npy', np.zeros((2, 3), np.float32))\n")
+    result, report = compare_json(cli, tmp_path, gqa_model,
+                                  "--engine", f"{sys.executable} {script} {{model}} {{out}}")
+    assert result.code == 3 and "logits shape [2, 3], expected [3, 8, 128]" in engine_row(report)["error"]
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE,
+                                  "--engine-output", "nothere.bin")
+    assert result.code == 3 and "wrote no nothere.bin" in engine_row(report)["error"]
+
+
+def test_engine_sees_quoted_paths_with_spaces(cli, tmp_path, gqa_model):
+    spaced = tmp_path / "a dir" / "m m.json"
+    spaced.parent.mkdir()
+    spaced.write_bytes(gqa_model.read_bytes())
+    result, _ = compare_json(cli, tmp_path, spaced, "--engine", ENGINE)
+    assert result.code == 0, result.out + result.err
+
+
+def test_report_matches_its_json_schema(cli, tmp_path, gqa_model):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    for args in (["--engine", ENGINE], ["--engine", ENGINE + " --bug nan"],
+                 ["--engine", ENGINE + " --fail exit3"], ["--decode", 2]):
+        _, report = compare_json(cli, tmp_path, gqa_model, *args)
+        jsonschema.validate(report, schema)
+    broken = dict(report, verdict="maybe")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_torch_reference_row_reports_its_noise_floor_and_timing(cli, tmp_path, gqa_model):
+    result, report = compare_json(cli, tmp_path, gqa_model, "--decode", 3)
+    assert result.code == 0
+    ref = report["candidates"][0]
+    assert ref["kind"] == "reference" and ref["metrics"]["max_abs"] == report["tolerance"]["reference_noise"]
+    assert 0 < report["tolerance"]["reference_noise"] < 1e-5
+    assert ref["timing"]["median_ms"] > 0 and ref["timing"]["ratio_to_torch"] == 1.0
+    steps = ref["decode"]["steps"]
+    assert [s["position"] for s in steps] == [5, 6, 7] and all(s["pass"] for s in steps)
+
+
+def test_explicit_tolerance_overrides_and_smallest_passing_atol(cli, tmp_path, gqa_model):
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + " --bug rope-k-missing")
+    needed = engine_row(report)["metrics"]["min_passing_atol"]
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine",
+                                  ENGINE + " --bug rope-k-missing", "--atol", needed * 1.01)
+    assert result.code == 0 and report["tolerance"]["atol_source"] == "--atol"
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine",
+                                  ENGINE + " --bug rope-k-missing", "--atol", needed * 0.99)
+    assert result.code == 1
+
+
+def test_save_logits_and_plot(cli, tmp_path, gqa_model):
+    out = tmp_path / "logits"
+    plot = tmp_path / "err.png"
+    result, _ = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + " --bug gqa",
+                             "--save-logits", out, "--plot", plot)
+    assert result.code == 1
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["reference.npy", "reference-float64.npy", "torch.npy",
+                            "engine1:numpy_engine.py.npy"])
+    assert np.load(out / "reference.npy").shape == (3, 8, 128)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--decode", 8], "--decode 8 needs at least one prefill token"),
+    (["--backends", "bogus"], "unknown backend 'bogus'"),
+    (["--backends", ""], "nothing to compare"),
+    (["--engine", "echo no-out-dir {model}"], "must contain {out}"),
+    (["--repeat", 0], "--repeat"),
+    (["--threads", 0], "--threads"),
+    (["--engine-timeout", -1], "--engine-timeout"),
+])
+def test_usage_errors(cli, gqa_model, args, needle):
+    cli("compare", gqa_model, *args).assert_one_line_error(2, needle)
+
+
+def test_bad_model_file_is_exit_2(cli, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    cli("compare", bad).assert_one_line_error(2, "not valid JSON")
