@@ -172,7 +172,7 @@ private:
         }
         uint64_t n = value.get<uint64_t>();
         if (n > (uint64_t)kMaxDim) {
-            fail(key, "= " + std::to_string(n) + " exceeds the supported maximum " + std::to_string(kMaxDim));
+            fail(key, std::to_string(n) + " exceeds the supported maximum " + std::to_string(kMaxDim));
         }
         return (int)n;
     }
