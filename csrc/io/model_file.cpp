@@ -140,8 +140,15 @@ private:
         try {
             return json::parse(text);
         } catch (const json::parse_error& e) {
-            // e.what() names the byte, line and column: "... parse error at line 1, column 9: ..."
-            throw ModelFileError(path_ + ": not valid JSON: " + e.what());
+            // e.what() names the line and column: "... parse error at line 1, column 9: ...".
+            // It also quotes the whole failing token, megabytes for a cut-off tensor: shorten that.
+            std::string what = e.what();
+            const std::string last_read = "; last read: '";
+            size_t quote = what.find(last_read);
+            if (quote != std::string::npos && what.size() > quote + last_read.size() + 40) {
+                what = what.substr(0, quote + last_read.size() + 40) + "...'";
+            }
+            throw ModelFileError(path_ + ": not valid JSON: " + what);
         }
     }
 
