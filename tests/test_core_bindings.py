@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -356,9 +357,10 @@ def test_batch_may_change_after_reset(model):
 # ---- the standalone runner -----------------------------------------------------------
 
 def find_runner() -> str | None:
-    """XVALID_RUN, else the runner built with this _core module, else xvalid-run on PATH,
-    else a plain cmake build in build/*/."""
-    candidates = [os.environ.get("XVALID_RUN"), str(Path(_core.__file__).parent / "xvalid-run"),
+    """XVALID_RUN, else the one installed beside this Python (an editable install's is a
+    launcher for the build tree's runner), else xvalid-run on PATH, else the newest plain
+    cmake build in build/*/."""
+    candidates = [os.environ.get("XVALID_RUN"), str(Path(sys.executable).parent / "xvalid-run"),
                   shutil.which("xvalid-run")]
     candidates += sorted(map(str, REPO.glob("build/*/xvalid-run")), key=os.path.getmtime, reverse=True)
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
