@@ -54,6 +54,7 @@ def plot_divergence(report: dict, path: Path) -> None:
                           [max(p.get("budget") or 1e-12, 1e-12) for p in residual], "k--",
                           label="budget")
             line.set_xlabel("layer")
+            line.set_xticks(layers)
             line.set_title("layer output (residual) error")
             line.legend()
         fig.suptitle(f"{report['model']['path']}: verdict {report['verdict'].upper()}")

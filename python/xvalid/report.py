@@ -129,6 +129,15 @@ def _share(used: float) -> str:
     return f"{used * 100:.3g}%" if used < 10 else f"{used:.3g}x"
 
 
+def _speed(ratio: float | None) -> str:
+    """Median time relative to torch, in words."""
+    if ratio is None:
+        return "-"
+    if abs(ratio - 1) < 0.005:
+        return "1.00x"
+    return f"{ratio:.2f}x slower" if ratio > 1 else f"{1 / ratio:.2f}x faster"
+
+
 def _at(at: dict) -> str:
     return f"b{at['batch']} s{at['position']} t{at['token']}"
 
@@ -199,7 +208,7 @@ def print_compare(report: dict) -> None:
             timing.add_row(cand["name"], f"{cand['load_ms']:.1f}", f"{t['median_ms']:.3f}",
                            f"{t['min_ms']:.3f}", f"{t['max_ms']:.3f}",
                            f"{t['repeat']} (+{t['warmup']} warmup)",
-                           "-" if ratio is None else f"{ratio:.2f}x time")
+                           _speed(ratio))
         console.print(timing)
 
     verdict = report["verdict"]
