@@ -10,11 +10,12 @@ External engines (separate processes) live in engines.py.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, ModelFileError, XValidError
+from .errors import BuildError, InputError, ModelFileError, XValidError
 from .modelfile import ModelFile
 
 BUILTIN_BACKENDS = ("torch", "cpp")
@@ -56,6 +57,8 @@ def load_core():
     except ImportError as exc:
         raise XValidError(f"the C++ backend is not built ({exc}); reinstall with "
                           f"'bash scripts/setup.sh' (see docs/dev-loop.md)") from None
+    except subprocess.CalledProcessError:  # the editable install's rebuild-on-import failed
+        raise BuildError("the C++ rebuild failed (compiler output above)") from None
     return _core
 
 

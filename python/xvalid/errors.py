@@ -4,7 +4,8 @@ Exit codes (the CLI's contract, also in README.md):
   0  success / verdict PASS
   1  verdict FAIL (a candidate does not match the reference)
   2  bad input or usage (malformed model file, impossible config, bad flag)
-  3  an external engine failed to run (non-zero exit, timeout, missing or wrong-size output)
+  3  a candidate could not run: an external engine failed (non-zero exit, timeout, missing or
+     wrong-size output), or the C++ kernel failed to rebuild
   4  internal error (a bug in xvalid: please report it)
   130 interrupted (Ctrl-C)
 """
@@ -37,5 +38,11 @@ class InputError(XValidError):
 
 class EngineError(XValidError):
     """An external engine that did not produce usable output."""
+
+    exit_code = EXIT_ENGINE
+
+
+class BuildError(XValidError):
+    """The C++ kernel did not compile (editable installs rebuild on import)."""
 
     exit_code = EXIT_ENGINE
