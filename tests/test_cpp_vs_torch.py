@@ -105,3 +105,21 @@ def test_run_cpp_backend_writes_the_same_files_as_torch(cli, tiny_model, tmp_pat
     assert torch_files == sorted(p.name for p in (tmp_path / "cpp").iterdir())
     assert len(torch_files) == 1 + 12 * 2 + 2
     assert np.abs(np.load(tmp_path / "torch.npy") - np.load(tmp_path / "cpp.npy")).max() < 1e-5
+
+
+def test_standalone_runner_passes_as_an_external_engine(cli, tmp_path, make_model):
+    """The binary people debug with gdb follows the engine protocol, intermediates included."""
+    import shutil
+    import sys
+    from pathlib import Path
+    runner = shutil.which("xvalid-run", path=str(Path(sys.executable).parent))
+    if runner is None:
+        pytest.skip("xvalid-run is not installed beside this interpreter")
+    model = make_model(kv_heads=1, seq_len=9, batch_size=3, pad=2)
+    report = tmp_path / "r.json"
+    result = cli("compare", model, "--backends", "torch", "--engine",
+                 "xvalid-run {model} {out} --intermediates", "--json", report)
+    assert result.code == 0, result.out + result.err
+    engine = json.loads(report.read_text())["candidates"][1]
+    assert engine["status"] == "pass" and engine["divergence"]["first"] is None
+    assert len(engine["divergence"]["points"]) == 1 + 12 * 2 + 2

@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -92,8 +93,12 @@ class ExternalEngine:
         """Run once into the empty directory `out`; returns wall seconds. EngineError on failure."""
         command = self.command(model, out)
         start = time.perf_counter()
+        # The running Python's bin dir goes first on PATH, so 'xvalid-run {model} {out}' finds
+        # the runner of this installation even when the venv is not activated.
+        env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent),
+                                                     os.environ.get("PATH", "")]))
         proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
             _, stderr = proc.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:

@@ -181,7 +181,7 @@ def print_compare(report: dict) -> None:
 
     for cand in report["candidates"]:
         if cand["status"] == "error":
-            console.print(f"{cand['name']}: {STATUS_STYLE['error']} {cand['error']}")
+            console.print(f"{STATUS_STYLE['error']} {cand['error']}")
         div = cand.get("divergence")
         if div:
             print_divergence(cand["name"], div)
