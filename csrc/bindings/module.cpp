@@ -45,7 +45,9 @@ static Int64Matrix int64_matrix(py::handle obj, const char* name, bool allow_boo
         array.attr("max")().cast<uint64_t>() > (uint64_t)std::numeric_limits<int64_t>::max()) {
         throw py::value_error(std::string(name) + " holds values above 2**63 - 1");
     }
-    return Int64Matrix::ensure(array);
+    Int64Matrix converted = Int64Matrix::ensure(array);
+    if (!converted) throw py::value_error(std::string(name) + " cannot be converted to int64");
+    return converted;
 }
 
 // A model file and a Transformer over its weights. Calls are serialised by a mutex:

@@ -152,7 +152,8 @@ private:
         }
     }
 
-    // The member `name` of `parent` (found at key `parent_key`); null counts as absent.
+    // The member `name` of object `parent`, or nullptr. null counts as absent, as in HF
+    // configs that write "head_dim": null.
     const json* find(const json& parent, const char* name) const {
         auto it = parent.find(name);
         return it == parent.end() || it->is_null() ? nullptr : &*it;
