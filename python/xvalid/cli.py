@@ -181,7 +181,7 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report as JSON (schema: xvalid-compare-report v1).")
 @click.option("--save-logits", type=click.Path(file_okay=False, path_type=Path),
-              help="Write every candidate's logits as DIR/NAME.npy.")
+              help="Write every candidate's logits as DIR/NAME.npy (and reference, reference-float64).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @click.pass_context
 def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, rtol, decode,
@@ -201,8 +201,8 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, 
     with stderr_console.status("comparing", spinner="dots") as status:
         report = run_compare(model, opts, progress=lambda text: status.update(text))
     arrays = report.pop("_arrays")
-    if save_logits is not None:
-        save_arrays(save_logits, arrays)
+    if save_logits is not None:  # file names without the ':' of 'engine1:name'
+        save_arrays(save_logits, {name.replace(":", "-"): a for name, a in arrays.items()})
     if json_path is not None:
         text = report_json(report)
         atomic_write(json_path, lambda fp: fp.write(text))
