@@ -166,6 +166,10 @@ def test_malformed_files_are_refused_naming_the_problem(cli, tiny_model, tmp_pat
     cli("inspect", path).assert_one_line_error(2, needle)
     cli("run", path, "-o", tmp_path / "l.npy").assert_one_line_error(2, needle)
     assert not (tmp_path / "l.npy").exists()
+    # The C++ loader refuses the same file (it reads files that Python never saw).
+    core = pytest.importorskip("xvalid._core")
+    with pytest.raises(core.ModelFileError):
+        core.Model(str(path))
 
 
 @pytest.mark.parametrize("content,needle", [

@@ -121,7 +121,7 @@ public:
         ModelFile file;
         file.config = read_config(root);
         file.weights = read_weights(root, file.config, file.tensors);
-        if (const json* inputs = find(root, "inputs")) file.inputs = read_inputs(*inputs);
+        if (const json* inputs = find(root, "inputs")) file.inputs = read_inputs(*inputs, file.config);
         return file;
     }
 
@@ -222,18 +222,21 @@ private:
         const json* max_pos = find(cfg, "max_position_embeddings");
         c.max_position_embeddings = max_pos ? dimension(*max_pos, "config.max_position_embeddings") : 0;
 
-        // head_dim: config.head_dim, else meta.head_dim, else H / NH
+        // head_dim is H / NH (model-spec.md); a file that states it, in config or meta, must agree
+        if (c.hidden_size % c.num_heads != 0) {
+            fail("config.num_attention_heads", std::to_string(c.num_heads) + " does not divide hidden_size " +
+                                                   std::to_string(c.hidden_size));
+        }
+        c.head_dim = c.hidden_size / c.num_heads;
         const json* meta = find(root, "meta");
-        if (meta && !meta->is_object()) meta = nullptr;
-        if (const json* hd = find(cfg, "head_dim")) {
-            c.head_dim = dimension(*hd, "config.head_dim");
-        } else if (const json* meta_hd = meta ? find(*meta, "head_dim") : nullptr) {
-            c.head_dim = dimension(*meta_hd, "meta.head_dim");
-        } else if (c.hidden_size % c.num_heads != 0) {
-            fail("config.hidden_size", std::to_string(c.hidden_size) + " is not a multiple of num_attention_heads " +
-                                           std::to_string(c.num_heads) + " and no head_dim is given");
-        } else {
-            c.head_dim = c.hidden_size / c.num_heads;
+        for (const char* where : {"config", "meta"}) {
+            const json* section = std::string(where) == "config" ? &cfg : meta;
+            const json* stated = section && section->is_object() ? find(*section, "head_dim") : nullptr;
+            std::string key = std::string(where) + ".head_dim";
+            if (stated && dimension(*stated, key) != c.head_dim) {
+                fail(key, "expected " + std::to_string(c.head_dim) + " (hidden_size / num_attention_heads), found " +
+                              stated->dump());
+            }
         }
 
         if (c.num_heads % c.num_kv_heads != 0) {
@@ -369,7 +372,9 @@ private:
         return w;
     }
 
-    Inputs read_inputs(const json& inputs) const {
+    // The file's inputs, checked like the kernel checks a call's: ids in the vocabulary,
+    // a 0/1 mask, no more positions than the RoPE tables hold.
+    Inputs read_inputs(const json& inputs, const Config& c) const {
         TensorEntry ids = entry(inputs, "inputs", "input_ids", "int32");
         if (ids.shape.size() != 2 || ids.shape[0] < 1 || ids.shape[1] < 1) {
             fail(ids.key, "shape " + shape_str(ids.shape) + " is not (B, S) with B, S >= 1");
@@ -383,6 +388,25 @@ private:
         in.S = (int)ids.shape[1];
         in.input_ids = decode<int32_t>(ids);
         in.attention_mask = decode<uint8_t>(mask);
+        if (in.S > c.max_position_embeddings) {
+            fail(ids.key, std::to_string(in.S) + " positions exceed max_position_embeddings " +
+                              std::to_string(c.max_position_embeddings));
+        }
+        auto where = [&](size_t i) {
+            return "batch " + std::to_string(i / in.S) + ", position " + std::to_string(i % in.S);
+        };
+        for (size_t i = 0; i < in.input_ids.size(); i++) {
+            int32_t id = in.input_ids[i];
+            if (id < 0 || id >= c.vocab_size) {
+                fail(ids.key, "id " + std::to_string(id) + " at " + where(i) + " is outside the vocabulary [0, " +
+                                  std::to_string(c.vocab_size) + ")");
+            }
+        }
+        for (size_t i = 0; i < in.attention_mask.size(); i++) {
+            if (in.attention_mask[i] > 1) {
+                fail(mask.key, "value " + std::to_string(in.attention_mask[i]) + " at " + where(i) + " (expected 0 or 1)");
+            }
+        }
         return in;
     }
 
