@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +51,35 @@ class TorchBackend:
         return np.concatenate(steps, axis=1)
 
 
+_core_import: Future | None = None
+
+
+def _import_core():
+    from . import _core
+    return _core
+
+
+def start_loading_core() -> None:
+    """Begin importing the compiled module in a background thread. In an editable install the
+    import rebuilds changed C++ (a compiler subprocess), which then overlaps the second or so
+    that Python spends importing torch: the edit-to-verdict loop gets that much shorter."""
+    global _core_import
+    if _core_import is None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xvalid-core-import")
+        _core_import = pool.submit(_import_core)
+        pool.shutdown(wait=False)
+
+
 def load_core():
-    """Import the compiled module (in an editable install this rebuilds changed C++ first)."""
+    """The compiled module (in an editable install this rebuilds changed C++ first)."""
+    start_loading_core()
     try:
-        from . import _core
+        return _core_import.result()
     except ImportError as exc:
         raise XValidError(f"the C++ backend is not built ({exc}); reinstall with "
                           f"'bash scripts/setup.sh' (see docs/dev-loop.md)") from None
     except subprocess.CalledProcessError:  # the editable install's rebuild-on-import failed
         raise BuildError("the C++ rebuild failed (compiler output above)") from None
-    return _core
 
 
 class CppBackend:

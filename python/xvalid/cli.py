@@ -187,6 +187,9 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
 def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, rtol, decode,
             threads, warmup, repeat, intermediates, plot, json_path, save_logits, quiet):
     """Compare MODEL's candidates with the PyTorch reference; exit 0 pass, 1 mismatch."""
+    if "cpp" in backends:
+        from .backends import start_loading_core
+        start_loading_core()  # a pending C++ rebuild overlaps the import of torch
     from .compare import CompareOptions, run_compare
     from .files import atomic_write, save_arrays
     from .progress import stderr_console
