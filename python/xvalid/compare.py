@@ -129,6 +129,43 @@ def repro_command(mf: ModelFile, model: Path, opts: CompareOptions) -> str:
     return compare
 
 
+def run_cpp(model: Path, mf: ModelFile, threads: int, capture: bool) -> tuple[Candidate, CppBackend]:
+    """Load the C++ kernel (timed apart from the forward) and run the file's inputs."""
+    load_core()  # import (and in an editable install, rebuild) before the clock starts
+    start = time.perf_counter()
+    backend = CppBackend(model)
+    load_ms = (time.perf_counter() - start) * 1e3
+    backend.set_threads(threads)
+    logits, inter = backend.forward(mf.input_ids, mf.attention_mask, capture=capture)
+    cand = Candidate("cpp", "backend", logits, inter)
+    cand.report["load_ms"] = load_ms
+    return cand, backend
+
+
+def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, ...], names: list[str],
+               capture: bool) -> Candidate:
+    """One external engine in a fresh output directory; its failure is the candidate's error."""
+    cand = Candidate(engine.name, "engine")
+    cand.report["command"] = engine.template
+    with tempfile.TemporaryDirectory(prefix="xvalid-engine-") as tmp:
+        out = Path(tmp)
+        try:
+            cand.report["process_ms"] = engine.run(model.resolve(), out) * 1e3
+            cand.logits = read_logits_file(engine.logits_path(out), shape)
+            if capture:
+                cand.intermediates = read_intermediates(out / "intermediates", names) or None
+        except EngineError as exc:
+            cand.error = str(exc)
+    return cand
+
+
+def time_forward(backend, mf: ModelFile, threads: int, opts: CompareOptions) -> dict:
+    """Median/min/max of the forward alone (no capture), after warmup, at `threads`."""
+    backend.set_threads(threads)
+    return time_call(lambda: backend.forward(mf.input_ids, mf.attention_mask), opts.warmup,
+                     opts.repeat).to_json()
+
+
 def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None) -> dict:
     """Everything `xvalid compare` computes, as a JSON-able report with an `exit_code`."""
     import torch
@@ -163,7 +200,6 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
     atol = opts.atol if opts.atol is not None else policy.atol(noise, ref_absmax)
     rtol = opts.rtol if opts.rtol is not None else policy.rtol
     names = intermediate_names(mf.config.num_hidden_layers)
-    shape = logits32.shape
 
     candidates: list[Candidate] = []
     backends: dict[str, object] = {}
@@ -174,35 +210,13 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
             cand.report["load_ms"] = torch_load_s * 1e3
             backends[name] = ref32
         else:  # cpp
-            progress("loading the C++ kernel")
-            load_core()  # import (and in an editable install, rebuild) before the clock starts
-            start = time.perf_counter()
-            backend = CppBackend(model)
-            load_ms = (time.perf_counter() - start) * 1e3
-            backend.set_threads(threads)
-            cpp_info = dict(backend.core.build_info())
             progress("running the C++ kernel")
-            logits, inter = backend.forward(mf.input_ids, mf.attention_mask,
-                                            capture=opts.intermediates)
-            cand = Candidate("cpp", "backend", logits, inter)
-            cand.report["load_ms"] = load_ms
-            backends[name] = backend
+            cand, backends[name] = run_cpp(model, mf, threads, opts.intermediates)
+            cpp_info = dict(backends[name].core.build_info())
         candidates.append(cand)
-
     for engine in engines:
-        cand = Candidate(engine.name, "engine")
-        cand.report["command"] = engine.template
         progress(f"running {engine.name}")
-        with tempfile.TemporaryDirectory(prefix="xvalid-engine-") as tmp:
-            out = Path(tmp)
-            try:
-                cand.report["process_ms"] = engine.run(model.resolve(), out) * 1e3
-                cand.logits = read_logits_file(engine.logits_path(out), shape)
-                if opts.intermediates:
-                    cand.intermediates = read_intermediates(out / "intermediates", names) or None
-            except EngineError as exc:
-                cand.error = str(exc)
-        candidates.append(cand)
+        candidates.append(run_engine(engine, model, logits32.shape, names, opts.intermediates))
 
     progress("computing metrics")
     for cand in candidates:
@@ -220,7 +234,7 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
 
     if opts.decode:
         for cand in candidates:
-            if cand.name in backends and not cand.error:
+            if cand.name in backends:
                 progress(f"decode drift: {cand.name}")
                 drift = decode_drift(backends[cand.name], mf, logits32, opts.decode, atol, rtol)
                 cand.report["decode"] = drift
@@ -228,13 +242,9 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
                     cand.report["status"] = "fail"
 
     for cand in candidates:
-        if cand.name in backends and not cand.error:
+        if cand.name in backends:
             progress(f"timing {cand.name}")
-            backend = backends[cand.name]
-            backend.set_threads(threads)
-            cand.report["timing"] = time_call(
-                lambda: backend.forward(mf.input_ids, mf.attention_mask), opts.warmup,
-                opts.repeat).to_json()
+            cand.report["timing"] = time_forward(backends[cand.name], mf, threads, opts)
     torch_ms = next((c.report["timing"]["median_ms"] for c in candidates
                      if c.name == "torch" and "timing" in c.report), None)
     for cand in candidates:
