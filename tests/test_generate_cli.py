@@ -86,6 +86,7 @@ def test_presets(cli, tmp_path):
     (["--batch-size", 0], "must be positive"),
     (["--seq-len", 0], "must be positive"),
     (["--hidden", 10**9], "absurdly large"),
+    (["--hidden", 2**16, "--vocab", 2**20, "--heads", 8], "GiB of float32 weights"),
     (["--pad", 3], "--pad 3"),
     (["--seq-len", 1, "--pad", 1], "--pad needs"),
     (["--init-std", -1], "--init-std"),

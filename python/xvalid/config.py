@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-# Upper bound on any single dimension: far above real models, low enough that a typo such as
-# --hidden 1000000000 is refused before anything is allocated.
-MAX_DIM = 1 << 20
+# Upper bound on any single dimension (the C++ loader's too): far above real models, low
+# enough that a typo such as --hidden 1000000000 is refused before anything is allocated.
+MAX_DIM = 1 << 24
 
 
 def minimind_intermediate(hidden_size: int) -> int:

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import __version__
@@ -59,6 +61,11 @@ def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, s
         raise ConfigError(f"--init-std must be a positive number, got {init_std}")
     if not 0 <= seed < 2**63:
         raise ConfigError(f"--seed must be in [0, 2^63), got {seed}")
+    need = 4 * (cfg.num_parameters + 2 * cfg.max_position_embeddings * cfg.head_dim)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise ConfigError(f"this config needs {need / 2**30:.1f} GiB of float32 weights; the machine "
+                          f"has {have / 2**30:.1f} GiB of memory (smaller --hidden/--layers/--vocab?)")
 
     weight_seed, input_seed = np.random.SeedSequence(seed).spawn(2)
     rng = np.random.default_rng(weight_seed)
