@@ -21,6 +21,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from xvalid.report import console as stdout_console  # wide enough for CI logs
+
 XVALID = [sys.executable, "-m", "xvalid"]
 
 
@@ -67,7 +69,7 @@ def main() -> int:
                           f"{row['cpp_budget_used']:.1%}", row["decode"],
                           f"{row['cpp_over_torch_time']:.2f}",
                           "PASS" if proc.returncode == 0 else f"exit {proc.returncode}")
-    Console().print(table)
+    stdout_console.print(table)
     if args.csv:
         with open(args.csv, "w", newline="") as fp:
             writer = csv.DictWriter(fp, fieldnames=list(rows[0]))
