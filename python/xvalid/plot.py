@@ -40,7 +40,7 @@ def plot_divergence(report: dict, path: Path) -> None:
             im = heat.imshow(grid, aspect="auto", cmap="magma", vmin=-9, vmax=0)
             heat.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
             heat.set_yticks(range(len(layers)), [f"layer {l}" for l in layers])
-            heat.set_title(f"{cand['name']}: log10 max abs error vs reference")
+            heat.set_title(f"{cand['name']} ({cand['status'].upper()}): log10 max abs error vs reference")
             fig.colorbar(im, ax=heat)
             first = cand["divergence"]["first"]
             if first is not None and first["layer"] is not None:
