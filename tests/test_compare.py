@@ -197,3 +197,12 @@ def test_bad_model_file_is_exit_2(cli, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     cli("compare", bad).assert_one_line_error(2, "not valid JSON")
+
+
+def test_json_to_stdout_keeps_tables_on_stderr(cli, gqa_model):
+    result = cli("compare", gqa_model, "--backends", "torch", "--repeat", 1, "--json", "-",
+                 "--engine", ENGINE + " --bug gqa")
+    assert result.code == 1
+    report = json.loads(result.out)  # stdout is the JSON document alone
+    assert report["verdict"] == "fail" and report["exit_code"] == 1
+    assert "first divergence: layer 0, attn_heads" in result.err

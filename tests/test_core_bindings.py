@@ -151,8 +151,19 @@ def test_missing_file(tmp_path):
 def test_truncated_json(model_path, tmp_path, cut):
     text = model_path.read_text()
     path = tmp_path / "cut.json"
-    path.write_text(text[:cut] if cut >= 0 else text[:cut] + "\x00")
+    path.write_text(text[:cut])
     with pytest.raises(_core.ModelFileError, match=r"not valid JSON: .*parse error at line \d+, column \d+"):
+        _core.Model(path)
+
+
+@pytest.mark.parametrize("where", ["end", "middle"])
+def test_nul_byte_is_not_the_end_of_the_file(model_path, tmp_path, where):
+    """nlohmann's parser stops at NUL: the loader refuses it rather than ignore what follows."""
+    text = model_path.read_text()
+    at = len(text) - 3 if where == "end" else len(text) // 2
+    path = tmp_path / "nul.json"
+    path.write_text(text[:at] + "\x00" + text[at:])
+    with pytest.raises(_core.ModelFileError, match=rf"not valid JSON: NUL byte at offset {at}"):
         _core.Model(path)
 
 

@@ -89,8 +89,9 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }
 
 // A JSON value as it appears in the file, cut short for a one-line message.
+// (Invalid UTF-8 in a string is replaced rather than thrown on: the file may be hostile.)
 std::string brief(const json& value) {
-    std::string s = value.dump();
+    std::string s = value.dump(-1, ' ', false, json::error_handler_t::replace);
     return s.size() <= 40 ? s : s.substr(0, 37) + "...";
 }
 
@@ -137,6 +138,12 @@ private:
         if (!f) throw ModelFileError(path_ + ": cannot open model file: " + std::strerror(errno));
         std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
         if (f.bad()) throw ModelFileError(path_ + ": cannot read model file: " + std::strerror(errno));
+        // nlohmann's parser takes a NUL byte for the end of the input: refuse it here, so a
+        // file with junk after a NUL is not read as valid (JSON text never holds a raw NUL).
+        size_t nul = text.find('\0');
+        if (nul != std::string::npos) {
+            throw ModelFileError(path_ + ": not valid JSON: NUL byte at offset " + std::to_string(nul));
+        }
         try {
             return json::parse(text);
         } catch (const json::parse_error& e) {
@@ -235,7 +242,7 @@ private:
             std::string key = std::string(where) + ".head_dim";
             if (stated && dimension(*stated, key) != c.head_dim) {
                 fail(key, "expected " + std::to_string(c.head_dim) + " (hidden_size / num_attention_heads), found " +
-                              stated->dump());
+                              brief(*stated));
             }
         }
 
@@ -414,6 +421,24 @@ private:
 };
 
 }  // namespace
+
+static std::string printable(const std::string& text) {
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    out.reserve(text.size());
+    for (unsigned char ch : text) {
+        if (ch >= 0x20 && ch < 0x7f) {
+            out += (char)ch;
+        } else {
+            out += "\\x";
+            out += hex[ch >> 4];
+            out += hex[ch & 15];
+        }
+    }
+    return out;
+}
+
+ModelFileError::ModelFileError(const std::string& message) : std::runtime_error(printable(message)) {}
 
 ModelFile load_model_file(const std::string& path) { return Reader(path).load(); }
 

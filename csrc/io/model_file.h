@@ -18,7 +18,10 @@ namespace xvalid {
 // shape, bad base64, a non-finite weight, an unsupported format_version, ... The message
 // is one line: "<path>: <key>: <what is wrong>", e.g. "m.json: weights.layers[1].wk: ...".
 struct ModelFileError : std::runtime_error {
-    using std::runtime_error::runtime_error;
+    // The message quotes bits of a possibly hostile file: it is made printable ASCII on one
+    // line (other bytes as \xNN), so that Python can turn it into a str and a terminal can
+    // show it.
+    explicit ModelFileError(const std::string& message);
 };
 
 // The example batch a model file may carry: inputs.input_ids and inputs.attention_mask.

@@ -178,8 +178,9 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
               help="Capture intermediates to find the first divergence.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the error-per-layer plot (PNG, SVG or PDF).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report as JSON (schema: xvalid-compare-report v1).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write the report as JSON (schema: xvalid-compare-report v1); '-' for stdout, "
+                   "with the tables on stderr.")
 @click.option("--save-logits", type=click.Path(file_okay=False, path_type=Path),
               help="Write every candidate's logits as DIR/NAME.npy (and reference, reference-float64).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
@@ -193,7 +194,7 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, 
     from .compare import CompareOptions, run_compare
     from .files import atomic_write, save_arrays
     from .progress import stderr_console
-    from .report import print_compare, report_json
+    from .report import console, print_compare, report_json
 
     if not backends and not engines:
         raise click.UsageError("nothing to compare: give --backends and/or --engine")
@@ -206,16 +207,20 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, 
     arrays = report.pop("_arrays")
     if save_logits is not None:  # file names without the ':' of 'engine1:name'
         save_arrays(save_logits, {name.replace(":", "-"): a for name, a in arrays.items()})
+    json_to_stdout = json_path == Path("-")
     if json_path is not None:
         text = report_json(report)
-        atomic_write(json_path, lambda fp: fp.write(text))
+        if json_to_stdout:
+            click.echo(text, nl=False)
+        else:
+            atomic_write(json_path, lambda fp: fp.write(text))
     if plot is not None:
         from .plot import plot_divergence
         plot_divergence(report, plot)
     if quiet:
-        click.echo(f"{report['verdict'].upper()} {model}")
+        click.echo(f"{report['verdict'].upper()} {model}", err=json_to_stdout)
     else:
-        print_compare(report)
+        print_compare(report, stderr_console if json_to_stdout else console)
     return report["exit_code"]
 
 

@@ -123,8 +123,9 @@ def _versions(cpp_info: dict | None) -> dict:
 def repro_command(mf: ModelFile, model: Path, opts: CompareOptions) -> str:
     """One copy-pasteable line: regenerate the model (when xvalid wrote it), then compare."""
     compare = shlex.join(["xvalid", "compare", str(model), *opts.argv])
-    generate = mf.meta.get("generator", {}).get("command") if isinstance(mf.meta.get("generator"), dict) else None
-    if generate:
+    generator = mf.meta.get("generator")
+    generate = generator.get("command") if isinstance(generator, dict) else None
+    if isinstance(generate, str) and generate.startswith("xvalid generate "):
         return f"{generate} -o {shlex.quote(str(model))} && {compare}"
     return compare
 
@@ -259,7 +260,8 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
         "schema": REPORT_SCHEMA,
         "schema_version": REPORT_SCHEMA_VERSION,
         "model": {"path": str(model), "config": c.to_json(), "parameters": c.num_parameters,
-                  "seed": mf.meta.get("seed"), "batch_size": mf.batch_size, "seq_len": mf.seq_len,
+                  "seed": mf.meta["seed"] if isinstance(mf.meta.get("seed"), int) else None,
+                  "batch_size": mf.batch_size, "seq_len": mf.seq_len,
                   "unpadded_rows": int(keep.sum()), "padded_rows": int((~keep).sum())},
         "versions": _versions(cpp_info),
         "threads": threads,

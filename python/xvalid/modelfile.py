@@ -75,6 +75,7 @@ class ModelFile:
     rope_cos: np.ndarray  # (max_pos, hd) float32
     rope_sin: np.ndarray  # (max_pos, hd) float32
     meta: dict = field(default_factory=dict)
+    source_format: str = f"{FORMAT_NAME} v{FORMAT_VERSION}"  # or "seed layout" for other writers
 
     @property
     def batch_size(self) -> int:
@@ -120,8 +121,8 @@ def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
     for required in ("shape", "dtype", "data"):
         if required not in obj:
             raise ModelFileError(f"{key}: tensor object has no '{required}'")
-    encoding = obj.get("encoding", "base64")
-    if encoding != "base64":
+    encoding = obj.get("encoding")
+    if encoding is not None and encoding != "base64":  # absent (or null) means base64
         raise ModelFileError(f"{key}: encoding expected 'base64', found {encoding!r}")
     found_dtype = obj["dtype"]
     if found_dtype != dtype:
@@ -181,9 +182,9 @@ def _read_config(doc: dict) -> ModelConfig:
     raw = _section(doc, "config")
     for required in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "vocab_size", "intermediate_size"):
-        if required not in raw:
+        if raw.get(required) is None:
             raise ModelFileError(f"config.{required}: missing")
-    raw = dict(raw)
+    raw = {k: v for k, v in raw.items() if v is not None}  # null means absent (as in HF configs)
     if "max_position_embeddings" not in raw:  # older writers: take it from the RoPE table
         cos = doc.get("rope", {}).get("cos", {}) if isinstance(doc.get("rope"), dict) else {}
         shape = cos.get("shape") if isinstance(cos, dict) else None
@@ -211,7 +212,7 @@ def _read_weights(section: dict, cfg: ModelConfig) -> Weights:
     final_rms = decode_tensor(get("final_rms"), "weights.final_rms", (H,), "float32")
     # The head is tied; a writer that omits lm_head means "same as the embedding".
     lm_head = (decode_tensor(section["lm_head"], "weights.lm_head", (V, H), "float32")
-               if "lm_head" in section else tok_embedding)
+               if section.get("lm_head") is not None else tok_embedding)
     layers = get("layers")
     if not isinstance(layers, list):
         raise ModelFileError(f"weights.layers: expected a list, found {type(layers).__name__}")
@@ -280,7 +281,9 @@ def parse_model(doc: Any) -> ModelFile:
     """Validate a parsed JSON document and decode its tensors."""
     if not isinstance(doc, dict):
         raise ModelFileError(f"top level: expected a JSON object, found {type(doc).__name__}")
-    version = doc.get("format_version", FORMAT_VERSION)
+    version = doc.get("format_version")
+    if version is None:  # absent (or null): files from before versioning, version 1
+        version = FORMAT_VERSION
     if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
         raise ModelFileError(f"format_version: this xvalid reads version {FORMAT_VERSION}, "
                              f"found {version!r} (upgrade xvalid)")
@@ -295,7 +298,9 @@ def parse_model(doc: Any) -> ModelFile:
     ids, mask = _read_inputs(_section(doc, "inputs"), cfg)
     weights = _read_weights(_section(doc, "weights"), cfg)
     meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
-    return ModelFile(cfg, weights, ids, mask, cos, sin, dict(meta))
+    source = (f"{doc['format']} v{version}" if isinstance(doc.get("format"), str)
+              else "seed layout")
+    return ModelFile(cfg, weights, ids, mask, cos, sin, dict(meta), source[:60])
 
 
 def load_json(path: str | os.PathLike) -> Any:

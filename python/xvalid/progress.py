@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
-stderr_console = Console(stderr=True)
+stderr_console = Console(stderr=True, highlight=False, soft_wrap=True,
+                         width=None if sys.stderr.isatty() else 180)
 
 # Below this much data the work takes well under a second: no bar.
 MIN_BYTES_FOR_BAR = 32 << 20

@@ -48,7 +48,16 @@ def padding_summary(mask: np.ndarray) -> str:
     return ", ".join(parts) or "none"
 
 
-def reference_line(stats: dict) -> str:
+def reference_line(stats) -> str:
+    """The generator's record of the reference's logits (meta.reference), informational only:
+    a file whose record is damaged or foreign still inspects."""
+    try:
+        return _reference_line(stats)
+    except (KeyError, TypeError, ValueError):
+        return f"(unreadable record: {str(stats)[:60]})"
+
+
+def _reference_line(stats: dict) -> str:
     return (f"top-1 margin min {stats['top1_margin_min']:.3g} (median "
             f"{stats['top1_margin_median']:.3g}), entropy mean {stats['entropy_mean']:.3g} of "
             f"max {stats['max_entropy']:.3g} nats, |logits| max {stats['logits_absmax']:.3g} "
@@ -86,8 +95,7 @@ def _preview(array: np.ndarray, n: int = 4) -> str:
 
 def print_inspect(mf: ModelFile, path: Path, show_tensors: bool = True) -> None:
     c = mf.config
-    console.print(f"[bold]{path}[/bold]: valid xvalid model file "
-                  f"(format {mf.meta.get('format', 'seed layout')})")
+    console.print(f"[bold]{path}[/bold]: valid model file ({mf.source_format})")
     config = Table(title="config", show_header=False, title_justify="left")
     for key, value in c.to_json().items():
         config.add_row(key, str(value))
@@ -146,15 +154,15 @@ STATUS_STYLE = {"pass": "[bold green]PASS[/]", "fail": "[bold red]FAIL[/]",
                 "error": "[bold yellow]ERROR[/]"}
 
 
-def print_compare(report: dict) -> None:
+def print_compare(report: dict, out: Console = console) -> None:
     m, tol = report["model"], report["tolerance"]
     c = m["config"]
-    console.print(f"[bold]{m['path']}[/bold]: H={c['hidden_size']} L={c['num_hidden_layers']} "
+    out.print(f"[bold]{m['path']}[/bold]: H={c['hidden_size']} L={c['num_hidden_layers']} "
                   f"NH={c['num_attention_heads']} KVH={c['num_key_value_heads']} "
                   f"V={c['vocab_size']} | B={m['batch_size']} S={m['seq_len']} "
                   f"({m['unpadded_rows']} unpadded rows, {m['padded_rows']} padded) | "
                   f"threads {report['threads']}")
-    console.print(f"tolerance: atol {tol['atol']:.2e} ({tol['atol_source']}; reference noise "
+    out.print(f"tolerance: atol {tol['atol']:.2e} ({tol['atol_source']}; reference noise "
                   f"float32 vs float64 {tol['reference_noise']:.2e}), rtol {tol['rtol']:g}")
 
     table = Table(title="logits vs reference (torch float32; the torch row: vs float64)",
@@ -177,18 +185,18 @@ def print_compare(report: dict) -> None:
             f"{_g(x['kl_mean'])}/{_g(x['kl_max'])}",
             f"{top1['agree']}/{top1['decisive_rows']}", _share(x["budget_used"]),
             status + (f" [red]{nan['count']} NaN/Inf, first at {nan['first']}[/]" if nan else ""))
-    console.print(table)
+    out.print(table)
 
     for cand in report["candidates"]:
         if cand["status"] == "error":
-            console.print(f"{STATUS_STYLE['error']} {cand['error']}")
+            out.print(f"{STATUS_STYLE['error']} {cand['error']}")
         div = cand.get("divergence")
         if div:
-            print_divergence(cand["name"], div)
+            print_divergence(cand["name"], div, out)
         if cand.get("decode"):
             d = cand["decode"]
             steps = ", ".join(f"{s['step']}:{_g(s['max_abs'])}" for s in d["steps"])
-            console.print(f"{cand['name']} decode drift (prefill {d['prefill']}, then 1 token a "
+            out.print(f"{cand['name']} decode drift (prefill {d['prefill']}, then 1 token a "
                           f"step; max abs per step vs the full forward): {steps} -> "
                           f"{STATUS_STYLE['pass' if d['pass'] else 'fail']}")
 
@@ -209,25 +217,25 @@ def print_compare(report: dict) -> None:
                            f"{t['min_ms']:.3f}", f"{t['max_ms']:.3f}",
                            f"{t['repeat']} (+{t['warmup']} warmup)",
                            _speed(ratio))
-        console.print(timing)
+        out.print(timing)
 
     verdict = report["verdict"]
     failing = [c["name"] for c in report["candidates"] if c["status"] != "pass"]
     if verdict == "pass":
         worst = max(c["metrics"]["budget_used"] for c in report["candidates"])
-        console.print(f"verdict: {STATUS_STYLE['pass']} ({len(report['candidates'])} candidates "
+        out.print(f"verdict: {STATUS_STYLE['pass']} ({len(report['candidates'])} candidates "
                       f"within atol {tol['atol']:.2e}; worst uses {_share(worst)} of the budget)")
     else:
-        console.print(f"verdict: {STATUS_STYLE[verdict]} ({', '.join(failing)})")
+        out.print(f"verdict: {STATUS_STYLE[verdict]} ({', '.join(failing)})")
         for cand in report["candidates"]:
             if cand["status"] == "fail":
                 x = cand["metrics"]
-                console.print(f"  {cand['name']}: smallest passing atol {_g(x['min_passing_atol'])}"
+                out.print(f"  {cand['name']}: smallest passing atol {_g(x['min_passing_atol'])}"
                               f" (budget {tol['atol']:.2e})")
-        console.print(f"reproduce: {report['repro']}")
+        out.print(f"reproduce: {report['repro']}")
 
 
-def print_divergence(name: str, div: dict) -> None:
+def print_divergence(name: str, div: dict, out: Console = console) -> None:
     points = div["points"]
     layers = sorted({p["layer"] for p in points if p["layer"] is not None})
     kinds = list(dict.fromkeys(p["point"] for p in points if p["layer"] is not None))
@@ -246,18 +254,18 @@ def print_divergence(name: str, div: dict) -> None:
 
     for layer in layers:
         table.add_row(str(layer), *(fmt(cell.get((layer, k))) for k in kinds))
-    console.print(table)
+    out.print(table)
     edges = [p for p in points if p["layer"] is None]
-    console.print("  " + ", ".join(f"{p['name']} {fmt(p)}" for p in edges))
+    out.print("  " + ", ".join(f"{p['name']} {fmt(p)}" for p in edges))
     first = div["first"]
     if first is None:
-        console.print(f"{name}: no divergence: every intermediate within its budget")
+        out.print(f"{name}: no divergence: every intermediate within its budget")
     else:
         where = (f"layer {first['layer']}, {first['point']}" if first["layer"] is not None
                  else first["point"])
         detail = first.get("note") or (f"max abs {_g(first['error'])} > budget "
                                        f"{_g(first['budget'])}")
-        console.print(f"{name}: [bold red]first divergence: {where}[/] ({first['name']}: {detail})")
+        out.print(f"{name}: [bold red]first divergence: {where}[/] ({first['name']}: {detail})")
 
 
 def report_json(report: dict) -> str:
