@@ -119,10 +119,48 @@ def test_wrong_npy_shape_and_named_output_missing(cli, tmp_path, gqa_model):
                       "np.save(sys.argv[2] + '/logits.npy', np.zeros((2, 3), np.float32))\n")
     result, report = compare_json(cli, tmp_path, gqa_model,
                                   "--engine", f"{sys.executable} {script} {{model}} {{out}}")
-    assert result.code == 3 and "logits shape [2, 3], expected [3, 8, 128]" in engine_row(report)["error"]
+    assert result.code == 3 and "logits.npy: shape [2, 3], expected [3, 8, 128]" in engine_row(report)["error"]
     result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE,
                                   "--engine-output", "nothere.bin")
     assert result.code == 3 and "wrote no nothere.bin" in engine_row(report)["error"]
+
+
+def test_hostile_npy_headers_are_refused_before_reading_data(cli, tmp_path, gqa_model):
+    """A header claiming 10^12 floats must not make xvalid allocate them."""
+    script = tmp_path / "liar.py"
+    script.write_text(
+        "import sys\n"
+        "header = \"{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000,), }\"\n"
+        "header = header.ljust(118) + '\\n'\n"
+        "open(sys.argv[2] + '/logits.npy', 'wb').write(b'\\x93NUMPY\\x01\\x00' + bytes([len(header), 0])"
+        " + header.encode() + b'\\x00' * 64)\n")
+    result, report = compare_json(cli, tmp_path, gqa_model,
+                                  "--engine", f"{sys.executable} {script} {{model}} {{out}}")
+    assert result.code == 3, result.out + result.err
+    assert "shape [1000000000000], expected [3, 8, 128]" in engine_row(report)["error"]
+
+
+def test_engine_intermediates_in_another_layout_or_the_wrong_size(cli, tmp_path, gqa_model):
+    """(B, S, NH*hd) for q is the same data as (B, S, NH, hd): accepted. A wrong size is an
+    engine error naming the file."""
+    out = tmp_path / "ref"
+    cli("run", gqa_model, "-o", tmp_path / "l.npy", "--intermediates", out)
+    script = tmp_path / "replay.py"
+    script.write_text(
+        "import sys, shutil, numpy as np\n"
+        f"src = {str(out)!r}\n"
+        "shutil.copytree(src, sys.argv[2] + '/intermediates')\n"
+        f"shutil.copy({str(tmp_path / 'l.npy')!r}, sys.argv[2] + '/logits.npy')\n"
+        "q = np.load(src + '/layer0.q.npy')\n"
+        "q = q.reshape(q.shape[0], q.shape[1], -1) if sys.argv[3] == 'flat' else q[:, :-1]\n"
+        "np.save(sys.argv[2] + '/intermediates/layer0.q.npy', q)\n")
+    engine = f"{sys.executable} {script} {{model}} {{out}}"
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", engine + " flat")
+    assert result.code == 0, result.out + result.err
+    assert engine_row(report)["divergence"]["points"][2]["name"] == "layer0.q"
+    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", engine + " short")
+    assert result.code == 3
+    assert "intermediates/layer0.q.npy: shape [3, 7, 8, 8], expected [3, 8, 8, 8]" in engine_row(report)["error"]
 
 
 def test_engine_sees_quoted_paths_with_spaces(cli, tmp_path, gqa_model):

@@ -74,16 +74,11 @@ def divergence(cand: dict, ref32: dict, ref64: dict, keep: np.ndarray, names: li
         if name not in cand or name not in ref32:
             continue
         layer, point = split_name(name)
-        row = {"name": name, "layer": layer, "point": point}
-        if cand[name].shape != ref32[name].shape:
-            row.update(error=None, diverged=True,
-                       note=f"shape {list(cand[name].shape)}, expected {list(ref32[name].shape)}")
-        else:
-            error, scale = tensor_error(cand[name], ref32[name], keep)
-            noise, _ = tensor_error(ref32[name], ref64[name], keep)
-            budget = policy.atol(noise, scale)
-            row.update(error=error, scale=scale, noise=noise, budget=budget,
-                       diverged=bool(not error <= budget))
+        error, scale = tensor_error(cand[name], ref32[name], keep)
+        noise, _ = tensor_error(ref32[name], ref64[name], keep)
+        budget = policy.atol(noise, scale)
+        row = {"name": name, "layer": layer, "point": point, "error": error, "scale": scale,
+               "noise": noise, "budget": budget, "diverged": bool(not error <= budget)}
         points.append(row)
         if row["diverged"] and first is None:
             first = row
@@ -143,8 +138,8 @@ def run_cpp(model: Path, mf: ModelFile, threads: int, capture: bool) -> tuple[Ca
     return cand, backend
 
 
-def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, ...], names: list[str],
-               capture: bool) -> Candidate:
+def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, ...],
+               shapes: dict[str, tuple[int, ...]] | None) -> Candidate:
     """One external engine in a fresh output directory; its failure is the candidate's error."""
     cand = Candidate(engine.name, "engine")
     cand.report["command"] = engine.template
@@ -153,8 +148,8 @@ def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, ...], name
         try:
             cand.report["process_ms"] = engine.run(model.resolve(), out) * 1e3
             cand.logits = read_logits_file(engine.logits_path(out), shape)
-            if capture:
-                cand.intermediates = read_intermediates(out / "intermediates", names) or None
+            if shapes:
+                cand.intermediates = read_intermediates(out / "intermediates", shapes) or None
         except EngineError as exc:
             cand.error = str(exc)
     return cand
@@ -217,7 +212,8 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
         candidates.append(cand)
     for engine in engines:
         progress(f"running {engine.name}")
-        candidates.append(run_engine(engine, model, logits32.shape, names, opts.intermediates))
+        shapes = {name: inter32[name].shape for name in names} if opts.intermediates else None
+        candidates.append(run_engine(engine, model, logits32.shape, shapes))
 
     progress("computing metrics")
     for cand in candidates:

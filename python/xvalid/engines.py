@@ -24,21 +24,35 @@ from .errors import EngineError, InputError
 NPY_MAGIC = b"\x93NUMPY"
 
 
+def _load_npy(path: Path, label: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float .npy holding prod(shape) values, checked from its header before any data is
+    read (a hostile header cannot make us allocate terabytes); other layouts of the same size,
+    e.g. (B, S, NH*hd) for (B, S, NH, hd), are reshaped."""
+    try:
+        with open(path, "rb") as fp:
+            version = np.lib.format.read_magic(fp)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            found, _, dtype = read_header(fp)
+    except (ValueError, OSError, EOFError) as exc:
+        raise EngineError(f"{label}: unreadable .npy ({exc})") from None
+    if dtype.kind != "f":
+        raise EngineError(f"{label}: dtype {dtype}, expected float32")
+    if int(np.prod(found, dtype=np.int64)) != int(np.prod(shape)):
+        raise EngineError(f"{label}: shape {list(found)}, expected {list(shape)}")
+    try:
+        return np.load(path, allow_pickle=False).reshape(shape)
+    except (ValueError, OSError, EOFError) as exc:
+        raise EngineError(f"{label}: unreadable .npy ({exc})") from None
+
+
 def read_logits_file(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """Logits (B,S,V) from an .npy file or a headerless float32 file; EngineError if unusable."""
-    expected = int(np.prod(shape))
     with open(path, "rb") as fp:
         magic = fp.read(len(NPY_MAGIC))
     if magic == NPY_MAGIC:
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise EngineError(f"{path.name}: unreadable .npy ({exc})") from None
-        if array.dtype.kind != "f":
-            raise EngineError(f"{path.name}: logits dtype {array.dtype}, expected float32")
-        if array.shape != shape:
-            raise EngineError(f"{path.name}: logits shape {list(array.shape)}, expected {list(shape)}")
-        return array
+        return _load_npy(path, path.name, shape)
+    expected = int(np.prod(shape))
     size = path.stat().st_size
     if size != expected * 4:
         raise EngineError(f"{path.name}: {size} bytes of raw float32, expected {expected * 4} "
@@ -46,17 +60,10 @@ def read_logits_file(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     return np.fromfile(path, dtype="<f4").reshape(shape)
 
 
-def read_intermediates(directory: Path, names: list[str]) -> dict[str, np.ndarray]:
-    """OUT/intermediates/NAME.npy for the documented names that exist."""
-    out = {}
-    for name in names:
-        path = directory / f"{name}.npy"
-        if path.is_file():
-            try:
-                out[name] = np.load(path, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise EngineError(f"intermediates/{path.name}: unreadable .npy ({exc})") from None
-    return out
+def read_intermediates(directory: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """OUT/intermediates/NAME.npy for the documented names that exist, in the reference's shapes."""
+    return {name: _load_npy(directory / f"{name}.npy", f"intermediates/{name}.npy", shape)
+            for name, shape in shapes.items() if (directory / f"{name}.npy").is_file()}
 
 
 INTERPRETERS = ("python", "python3", "bash", "sh", "env", "exec", "valgrind", "taskset")

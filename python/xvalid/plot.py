@@ -33,10 +33,9 @@ def plot_divergence(report: dict, path: Path) -> None:
             kinds = list(dict.fromkeys(p["point"] for p in points))
             grid = np.full((len(layers), len(kinds)), np.nan)
             for p in points:
-                err = p.get("error")
-                bad = err is None or not np.isfinite(err)  # shape mismatch or NaN: top of the scale
+                err = p["error"]  # NaN/Inf: the top of the scale
                 grid[layers.index(p["layer"]), kinds.index(p["point"])] = (
-                    0.0 if bad else np.log10(max(err, 1e-12)))
+                    np.log10(max(err, 1e-12)) if np.isfinite(err) else 0.0)
             im = heat.imshow(grid, aspect="auto", cmap="magma", vmin=-9, vmax=0)
             heat.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
             heat.set_yticks(range(len(layers)), [f"layer {l}" for l in layers])
@@ -49,9 +48,9 @@ def plot_divergence(report: dict, path: Path) -> None:
                                              fill=False, edgecolor="cyan", linewidth=2.5))
             residual = [p for p in points if p["point"] == "residual"]
             line.semilogy([p["layer"] for p in residual],
-                          [max(p["error"] or 1e-12, 1e-12) for p in residual], "o-", label="error")
+                          [max(p["error"], 1e-12) for p in residual], "o-", label="error")
             line.semilogy([p["layer"] for p in residual],
-                          [max(p.get("budget") or 1e-12, 1e-12) for p in residual], "k--",
+                          [max(p["budget"], 1e-12) for p in residual], "k--",
                           label="budget")
             line.set_xlabel("layer")
             line.set_xticks(layers)

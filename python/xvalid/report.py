@@ -249,7 +249,7 @@ def print_divergence(name: str, div: dict, out: Console = console) -> None:
     def fmt(p):
         if p is None:
             return ""
-        text = _g(p["error"], 1) if p.get("error") is not None else "shape"
+        text = _g(p["error"], 1)
         return f"[red]{text}[/]" if p["diverged"] else text
 
     for layer in layers:
@@ -263,8 +263,7 @@ def print_divergence(name: str, div: dict, out: Console = console) -> None:
     else:
         where = (f"layer {first['layer']}, {first['point']}" if first["layer"] is not None
                  else first["point"])
-        detail = first.get("note") or (f"max abs {_g(first['error'])} > budget "
-                                       f"{_g(first['budget'])}")
+        detail = f"max abs {_g(first['error'])} > budget {_g(first['budget'])}"
         out.print(f"{name}: [bold red]first divergence: {where}[/] ({first['name']}: {detail})")
 
 
