@@ -27,7 +27,8 @@ def cli():
       xvalid generate --hidden 64 --layers 2 -o m.json   # seeded model + inputs
       xvalid compare m.json                             # torch vs C++: verdict, timing
       xvalid compare m.json --engine './my_engine {model} {out}'
-    Exit codes: 0 pass, 1 mismatch, 2 bad input or usage, 3 engine failed, 4 internal error.
+    Exit codes: 0 pass, 1 mismatch, 2 bad input or usage, 3 a candidate could not run
+    (engine failed, C++ rebuild failed), 4 internal error.
     """
 
 
