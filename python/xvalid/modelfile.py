@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ConfigError, ModelFileError
+from .errors import ConfigError, InputError, ModelFileError
 from .files import atomic_write
 
 FORMAT_NAME = "xvalid-model"
@@ -169,10 +169,16 @@ def tensor_checksum(array: np.ndarray) -> str:
 # reading
 
 
-def _section(doc: dict, key: str) -> dict:
-    value = doc.get(key)
+def _require(parent: dict, name: str, where: str = ""):
+    """parent[name]; a missing (or null) key is the file's first problem."""
+    value = parent.get(name)
     if value is None:
-        raise ModelFileError(f"missing key '{key}'")
+        raise ModelFileError(f"missing key '{where}{name}'")
+    return value
+
+
+def _section(doc: dict, key: str) -> dict:
+    value = _require(doc, key)
     if not isinstance(value, dict):
         raise ModelFileError(f"{key}: expected an object, found {type(value).__name__}")
     return value
@@ -207,13 +213,14 @@ def _read_config(doc: dict) -> ModelConfig:
 
 def _read_weights(section: dict, cfg: ModelConfig) -> Weights:
     H, V = cfg.hidden_size, cfg.vocab_size
-    get = lambda key: section.get(key) if key in section else _missing(f"weights.{key}")  # noqa: E731
-    tok_embedding = decode_tensor(get("tok_embedding"), "weights.tok_embedding", (V, H), "float32")
-    final_rms = decode_tensor(get("final_rms"), "weights.final_rms", (H,), "float32")
+    tok_embedding = decode_tensor(_require(section, "tok_embedding", "weights."),
+                                  "weights.tok_embedding", (V, H), "float32")
+    final_rms = decode_tensor(_require(section, "final_rms", "weights."), "weights.final_rms",
+                              (H,), "float32")
     # The head is tied; a writer that omits lm_head means "same as the embedding".
     lm_head = (decode_tensor(section["lm_head"], "weights.lm_head", (V, H), "float32")
                if section.get("lm_head") is not None else tok_embedding)
-    layers = get("layers")
+    layers = _require(section, "layers", "weights.")
     if not isinstance(layers, list):
         raise ModelFileError(f"weights.layers: expected a list, found {type(layers).__name__}")
     if len(layers) != cfg.num_hidden_layers:
@@ -225,28 +232,20 @@ def _read_weights(section: dict, cfg: ModelConfig) -> Weights:
         prefix = f"weights.layers[{index}]"
         if not isinstance(layer, dict):
             raise ModelFileError(f"{prefix}: expected an object, found {type(layer).__name__}")
-        tensors = {}
-        for name, shape in shapes.items():
-            if name not in layer:
-                _missing(f"{prefix}.{name}")
-            tensors[name] = decode_tensor(layer[name], f"{prefix}.{name}", shape, "float32")
-        decoded.append(LayerWeights(**tensors))
+        decoded.append(LayerWeights(**{
+            name: decode_tensor(_require(layer, name, f"{prefix}."), f"{prefix}.{name}", shape,
+                                "float32")
+            for name, shape in shapes.items()}))
     return Weights(tok_embedding, final_rms, lm_head, decoded)
 
 
-def _missing(key: str):
-    raise ModelFileError(f"missing key '{key}'")
-
-
 def _read_inputs(section: dict, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    for key in ("input_ids", "attention_mask"):
-        if key not in section:
-            _missing(f"inputs.{key}")
-    ids = decode_tensor(section["input_ids"], "inputs.input_ids", None, "int32")
+    ids = decode_tensor(_require(section, "input_ids", "inputs."), "inputs.input_ids", None, "int32")
     if ids.ndim != 2 or 0 in ids.shape:
         raise ModelFileError(f"inputs.input_ids: shape expected [B, S] with B, S >= 1, "
                              f"found {list(ids.shape)}")
-    mask = decode_tensor(section["attention_mask"], "inputs.attention_mask", ids.shape, "uint8")
+    mask = decode_tensor(_require(section, "attention_mask", "inputs."), "inputs.attention_mask",
+                         ids.shape, "uint8")
     check_inputs(ids, mask, cfg, where="inputs.")
     return ids, mask
 
@@ -254,7 +253,6 @@ def _read_inputs(section: dict, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarra
 def check_inputs(ids: np.ndarray, mask: np.ndarray, cfg: ModelConfig, where: str = "",
                  past_len: int = 0) -> None:
     """Token ids within the vocabulary, a 0/1 mask covering past + new tokens, positions in range."""
-    from .errors import InputError
     error = ModelFileError if where else InputError
     if ids.ndim != 2:
         raise error(f"{where}input_ids: expected 2 dims (B, S), found shape {list(ids.shape)}")
@@ -290,11 +288,8 @@ def parse_model(doc: Any) -> ModelFile:
     cfg = _read_config(doc)
     rope = _section(doc, "rope")
     table = (cfg.max_position_embeddings, cfg.head_dim)
-    for key in ("cos", "sin"):
-        if key not in rope:
-            _missing(f"rope.{key}")
-    cos = decode_tensor(rope["cos"], "rope.cos", table, "float32")
-    sin = decode_tensor(rope["sin"], "rope.sin", table, "float32")
+    cos = decode_tensor(_require(rope, "cos", "rope."), "rope.cos", table, "float32")
+    sin = decode_tensor(_require(rope, "sin", "rope."), "rope.sin", table, "float32")
     ids, mask = _read_inputs(_section(doc, "inputs"), cfg)
     weights = _read_weights(_section(doc, "weights"), cfg)
     meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
