@@ -138,3 +138,15 @@ def test_module_and_console_script_entry_points(tmp_path):
     script = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "xvalid"),
                              "--version"], capture_output=True, text=True)
     assert script.returncode == 0 and "0.1.0" in script.stdout
+
+
+def test_recorded_command_regenerates_the_same_file(cli, tmp_path):
+    import shlex
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert cli("generate", "--hidden", 48, "--heads", 6, "--kv-heads", 3, "--rope-theta", 1234567.8,
+               "--init-std", 0.0312345678, "--seq-len", 7, "--batch-size", 3, "--pad", 2,
+               "--seed", 99, "-o", a).code == 0
+    command = shlex.split(read_model(a).meta["generator"]["command"])
+    assert command[:2] == ["xvalid", "generate"]
+    assert cli(*command[1:], "-o", b).code == 0
+    assert a.read_bytes() == b.read_bytes()

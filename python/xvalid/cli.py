@@ -81,9 +81,9 @@ def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_p
         f"xvalid generate --hidden {cfg.hidden_size} --layers {cfg.num_hidden_layers} "
         f"--heads {cfg.num_attention_heads} --kv-heads {cfg.num_key_value_heads} "
         f"--vocab {cfg.vocab_size} --intermediate {cfg.intermediate_size} "
-        f"--max-pos {cfg.max_position_embeddings} --rope-theta {cfg.rope_theta:g} "
-        f"--eps {cfg.rms_norm_eps:g} --seq-len {seq_len} --batch-size {batch_size} "
-        f"--pad {mf.meta['generator']['pad_rows']} --seed {seed} --init-std {init_std:g}")
+        f"--max-pos {cfg.max_position_embeddings} --rope-theta {float(cfg.rope_theta)!r} "
+        f"--eps {float(cfg.rms_norm_eps)!r} --seq-len {seq_len} --batch-size {batch_size} "
+        f"--pad {mf.meta['generator']['pad_rows']} --seed {seed} --init-std {init_std!r}")
     # Record the reference's logit statistics, so a later PASS is known to mean something.
     logits = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
     mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}
