@@ -132,6 +132,10 @@ def _g(value, digits: int = 2) -> str:
     return f"{value:.{digits}e}" if value and (abs(value) < 1e-2 or abs(value) >= 1e4) else f"{value:.{digits + 2}g}"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _share(used: float) -> str:
     """Share of the tolerance budget used: '12%', or '450x' once far over."""
     return f"{used * 100:.3g}%" if used < 10 else f"{used:.3g}x"
@@ -160,8 +164,8 @@ def print_compare(report: dict, out: Console = console) -> None:
     out.print(f"[bold]{m['path']}[/bold]: H={c['hidden_size']} L={c['num_hidden_layers']} "
                   f"NH={c['num_attention_heads']} KVH={c['num_key_value_heads']} "
                   f"V={c['vocab_size']} | B={m['batch_size']} S={m['seq_len']} "
-                  f"({m['unpadded_rows']} unpadded rows, {m['padded_rows']} padded) | "
-                  f"threads {report['threads']}")
+                  f"({_plural(m['unpadded_rows'], 'unpadded row')}, {m['padded_rows']} padded) | "
+                  f"{_plural(report['threads'], 'thread')}")
     out.print(f"tolerance: atol {tol['atol']:.2e} ({tol['atol_source']}; reference noise "
                   f"float32 vs float64 {tol['reference_noise']:.2e}), rtol {tol['rtol']:g}")
 
@@ -203,7 +207,7 @@ def print_compare(report: dict, out: Console = console) -> None:
     timed = [c for c in report["candidates"] if "timing" in c or "process_ms" in c]
     if timed:
         timing = Table(title=f"timing (forward of B={m['batch_size']} S={m['seq_len']}, "
-                       f"{report['threads']} threads)", title_justify="left")
+                       f"{_plural(report['threads'], 'thread')})", title_justify="left")
         for col in ("candidate", "load ms", "median ms", "min ms", "max ms", "runs", "vs torch"):
             timing.add_column(col, justify="left" if col == "candidate" else "right")
         for cand in timed:
@@ -223,7 +227,7 @@ def print_compare(report: dict, out: Console = console) -> None:
     failing = [c["name"] for c in report["candidates"] if c["status"] != "pass"]
     if verdict == "pass":
         worst = max(c["metrics"]["budget_used"] for c in report["candidates"])
-        out.print(f"verdict: {STATUS_STYLE['pass']} ({len(report['candidates'])} candidates "
+        out.print(f"verdict: {STATUS_STYLE['pass']} ({_plural(len(report['candidates']), 'candidate')} "
                       f"within atol {tol['atol']:.2e}; worst uses {_share(worst)} of the budget)")
     else:
         out.print(f"verdict: {STATUS_STYLE[verdict]} ({', '.join(failing)})")
