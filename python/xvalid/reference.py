@@ -77,7 +77,9 @@ class Reference:
 
     def __init__(self, mf: ModelFile, dtype: str = "float32"):
         self.cfg, self.dtype = mf.config, DTYPES[dtype]
-        tensor = lambda a: torch.from_numpy(np.array(a)).to(self.dtype)  # noqa: E731 (owns a copy)
+        # Shares memory with writable float32 arrays (nothing here writes to them); read-only
+        # arrays (decoded straight from a file's bytes) are copied, as torch needs writable ones.
+        tensor = lambda a: torch.from_numpy(a if a.flags.writeable else np.array(a)).to(self.dtype)  # noqa: E731
         w = mf.weights
         self.embed, self.final_rms, self.lm_head = map(tensor, (w.tok_embedding, w.final_rms, w.lm_head))
         self.layers = [LayerWeights(**{f.name: tensor(getattr(layer, f.name)) for f in fields(LayerWeights)})
