@@ -52,6 +52,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def bug_model(tmp_path_factory) -> Path:
+    """GQA 8/2, B=3 S=8, the last two rows padded (left, right), random norm weights: a model
+    on which every classic engine bug shows (tests/test_compare.py, test_kernel_mutations.py)."""
+    path = tmp_path_factory.mktemp("bugs") / "m.json"
+    run_xvalid("generate", *generate_flags(seq_len=8, batch_size=3, pad=2, seed=11), "-o", path,
+               check=True)
+    return path
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

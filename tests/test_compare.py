@@ -17,16 +17,6 @@ ENGINE = f"{sys.executable} {ENGINES / 'numpy_engine.py'} {{model}} {{out}}"
 SCHEMA = Path(__file__).parent.parent / "python" / "xvalid" / "schemas" / "compare-report.schema.json"
 
 
-@pytest.fixture(scope="module")
-def gqa_model(tmp_path_factory):
-    """GQA 8/2 with a left-padded row and random norm weights: every bug below is observable."""
-    from conftest import generate_flags, run_xvalid
-    path = tmp_path_factory.mktemp("cmp") / "m.json"
-    run_xvalid("generate", *generate_flags(seq_len=8, batch_size=3, pad=2, seed=11), "-o", path,
-               check=True)
-    return path
-
-
 def compare_json(cli, tmp_path, model, *args):
     report = tmp_path / "report.json"
     result = cli("compare", model, "--backends", "torch", "--repeat", 1, "--warmup", 0,
@@ -40,10 +30,10 @@ def engine_row(report):
 
 @pytest.mark.parametrize("fmt,name", [("raw", "made_up.f32"), ("npy", "logits.npy"),
                                       ("raw", None)])
-def test_correct_engine_passes(cli, tmp_path, gqa_model, fmt, name):
+def test_correct_engine_passes(cli, tmp_path, bug_model, fmt, name):
     command = ENGINE + f" --format {fmt}" + (f" --output-name {name}" if name else "")
     extra = ["--engine-output", name] if name and not name.endswith((".npy", ".bin")) else []
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", command, *extra)
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", command, *extra)
     assert result.code == 0, result.out + result.err
     row = engine_row(report)
     assert row["status"] == "pass" and row["divergence"]["first"] is None
@@ -52,8 +42,8 @@ def test_correct_engine_passes(cli, tmp_path, gqa_model, fmt, name):
     assert "PASS" in result.out
 
 
-def test_engine_without_intermediates_is_still_judged(cli, tmp_path, gqa_model):
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine",
+def test_engine_without_intermediates_is_still_judged(cli, tmp_path, bug_model):
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine",
                                   ENGINE + " --no-intermediates --bug gqa")
     assert result.code == 1
     assert "divergence" not in engine_row(report)
@@ -73,8 +63,8 @@ BUGS = {
 
 
 @pytest.mark.parametrize("bug", sorted(BUGS))
-def test_broken_engine_fails_with_the_right_first_divergence(cli, tmp_path, gqa_model, bug):
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + f" --bug {bug}")
+def test_broken_engine_fails_with_the_right_first_divergence(cli, tmp_path, bug_model, bug):
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE + f" --bug {bug}")
     assert result.code == 1, result.out + result.err
     row = engine_row(report)
     assert row["status"] == "fail" and report["verdict"] == "fail"
@@ -95,8 +85,8 @@ def test_broken_engine_fails_with_the_right_first_divergence(cli, tmp_path, gqa_
     ("none-written", "wrote no .npy or .bin file"),
     ("two-files", "name one with --engine-output"),
 ])
-def test_engine_protocol_failures_are_clear_errors(cli, tmp_path, gqa_model, mode, needle):
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + f" --fail {mode}")
+def test_engine_protocol_failures_are_clear_errors(cli, tmp_path, bug_model, mode, needle):
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE + f" --fail {mode}")
     assert result.code == 3, result.out + result.err
     assert "Traceback" not in result.out + result.err
     row = engine_row(report)
@@ -104,28 +94,28 @@ def test_engine_protocol_failures_are_clear_errors(cli, tmp_path, gqa_model, mod
     assert needle in result.out
 
 
-def test_engine_timeout_kills_it(cli, tmp_path, gqa_model):
+def test_engine_timeout_kills_it(cli, tmp_path, bug_model):
     import time
     start = time.monotonic()
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + " --fail sleep",
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE + " --fail sleep",
                                   "--engine-timeout", 1)
     assert result.code == 3 and "timed out after 1 s" in engine_row(report)["error"]
     assert time.monotonic() - start < 30
 
 
-def test_wrong_npy_shape_and_named_output_missing(cli, tmp_path, gqa_model):
+def test_wrong_npy_shape_and_named_output_missing(cli, tmp_path, bug_model):
     script = tmp_path / "wrong_shape.py"
     script.write_text("import sys, numpy as np\n"
                       "np.save(sys.argv[2] + '/logits.npy', np.zeros((2, 3), np.float32))\n")
-    result, report = compare_json(cli, tmp_path, gqa_model,
+    result, report = compare_json(cli, tmp_path, bug_model,
                                   "--engine", f"{sys.executable} {script} {{model}} {{out}}")
     assert result.code == 3 and "logits.npy: shape [2, 3], expected [3, 8, 128]" in engine_row(report)["error"]
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE,
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE,
                                   "--engine-output", "nothere.bin")
     assert result.code == 3 and "wrote no nothere.bin" in engine_row(report)["error"]
 
 
-def test_hostile_npy_headers_are_refused_before_reading_data(cli, tmp_path, gqa_model):
+def test_hostile_npy_headers_are_refused_before_reading_data(cli, tmp_path, bug_model):
     """A header claiming 10^12 floats must not make xvalid allocate them."""
     script = tmp_path / "liar.py"
     script.write_text(
@@ -134,17 +124,17 @@ def test_hostile_npy_headers_are_refused_before_reading_data(cli, tmp_path, gqa_
         "header = header.ljust(118) + '\\n'\n"
         "open(sys.argv[2] + '/logits.npy', 'wb').write(b'\\x93NUMPY\\x01\\x00' + bytes([len(header), 0])"
         " + header.encode() + b'\\x00' * 64)\n")
-    result, report = compare_json(cli, tmp_path, gqa_model,
+    result, report = compare_json(cli, tmp_path, bug_model,
                                   "--engine", f"{sys.executable} {script} {{model}} {{out}}")
     assert result.code == 3, result.out + result.err
     assert "shape [1000000000000], expected [3, 8, 128]" in engine_row(report)["error"]
 
 
-def test_engine_intermediates_in_another_layout_or_the_wrong_size(cli, tmp_path, gqa_model):
+def test_engine_intermediates_in_another_layout_or_the_wrong_size(cli, tmp_path, bug_model):
     """(B, S, NH*hd) for q is the same data as (B, S, NH, hd): accepted. A wrong size is an
     engine error naming the file."""
     out = tmp_path / "ref"
-    cli("run", gqa_model, "-o", tmp_path / "l.npy", "--intermediates", out)
+    cli("run", bug_model, "-o", tmp_path / "l.npy", "--intermediates", out)
     script = tmp_path / "replay.py"
     script.write_text(
         "import sys, shutil, numpy as np\n"
@@ -155,36 +145,36 @@ def test_engine_intermediates_in_another_layout_or_the_wrong_size(cli, tmp_path,
         "q = q.reshape(q.shape[0], q.shape[1], -1) if sys.argv[3] == 'flat' else q[:, :-1]\n"
         "np.save(sys.argv[2] + '/intermediates/layer0.q.npy', q)\n")
     engine = f"{sys.executable} {script} {{model}} {{out}}"
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", engine + " flat")
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", engine + " flat")
     assert result.code == 0, result.out + result.err
     assert engine_row(report)["divergence"]["points"][2]["name"] == "layer0.q"
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", engine + " short")
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", engine + " short")
     assert result.code == 3
     assert "intermediates/layer0.q.npy: shape [3, 7, 8, 8], expected [3, 8, 8, 8]" in engine_row(report)["error"]
 
 
-def test_engine_sees_quoted_paths_with_spaces(cli, tmp_path, gqa_model):
+def test_engine_sees_quoted_paths_with_spaces(cli, tmp_path, bug_model):
     spaced = tmp_path / "a dir" / "m m.json"
     spaced.parent.mkdir()
-    spaced.write_bytes(gqa_model.read_bytes())
+    spaced.write_bytes(bug_model.read_bytes())
     result, _ = compare_json(cli, tmp_path, spaced, "--engine", ENGINE)
     assert result.code == 0, result.out + result.err
 
 
-def test_report_matches_its_json_schema(cli, tmp_path, gqa_model):
+def test_report_matches_its_json_schema(cli, tmp_path, bug_model):
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(SCHEMA.read_text())
     for args in (["--engine", ENGINE], ["--engine", ENGINE + " --bug nan"],
                  ["--engine", ENGINE + " --fail exit3"], ["--decode", 2]):
-        _, report = compare_json(cli, tmp_path, gqa_model, *args)
+        _, report = compare_json(cli, tmp_path, bug_model, *args)
         jsonschema.validate(report, schema)
     broken = dict(report, verdict="maybe")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
 
 
-def test_torch_reference_row_reports_its_noise_floor_and_timing(cli, tmp_path, gqa_model):
-    result, report = compare_json(cli, tmp_path, gqa_model, "--decode", 3)
+def test_torch_reference_row_reports_its_noise_floor_and_timing(cli, tmp_path, bug_model):
+    result, report = compare_json(cli, tmp_path, bug_model, "--decode", 3)
     assert result.code == 0
     ref = report["candidates"][0]
     assert ref["kind"] == "reference" and ref["metrics"]["max_abs"] == report["tolerance"]["reference_noise"]
@@ -194,21 +184,21 @@ def test_torch_reference_row_reports_its_noise_floor_and_timing(cli, tmp_path, g
     assert [s["position"] for s in steps] == [5, 6, 7] and all(s["pass"] for s in steps)
 
 
-def test_explicit_tolerance_overrides_and_smallest_passing_atol(cli, tmp_path, gqa_model):
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + " --bug rope-k-missing")
+def test_explicit_tolerance_overrides_and_smallest_passing_atol(cli, tmp_path, bug_model):
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE + " --bug rope-k-missing")
     needed = engine_row(report)["metrics"]["min_passing_atol"]
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine",
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine",
                                   ENGINE + " --bug rope-k-missing", "--atol", needed * 1.01)
     assert result.code == 0 and report["tolerance"]["atol_source"] == "--atol"
-    result, report = compare_json(cli, tmp_path, gqa_model, "--engine",
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine",
                                   ENGINE + " --bug rope-k-missing", "--atol", needed * 0.99)
     assert result.code == 1
 
 
-def test_save_logits_and_plot(cli, tmp_path, gqa_model):
+def test_save_logits_and_plot(cli, tmp_path, bug_model):
     out = tmp_path / "logits"
     plot = tmp_path / "err.png"
-    result, _ = compare_json(cli, tmp_path, gqa_model, "--engine", ENGINE + " --bug gqa",
+    result, _ = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE + " --bug gqa",
                              "--save-logits", out, "--plot", plot)
     assert result.code == 1
     names = sorted(p.name for p in out.iterdir())
@@ -227,8 +217,8 @@ def test_save_logits_and_plot(cli, tmp_path, gqa_model):
     (["--threads", 0], "--threads"),
     (["--engine-timeout", -1], "--engine-timeout"),
 ])
-def test_usage_errors(cli, gqa_model, args, needle):
-    cli("compare", gqa_model, *args).assert_one_line_error(2, needle)
+def test_usage_errors(cli, bug_model, args, needle):
+    cli("compare", bug_model, *args).assert_one_line_error(2, needle)
 
 
 def test_bad_model_file_is_exit_2(cli, tmp_path):
@@ -237,8 +227,8 @@ def test_bad_model_file_is_exit_2(cli, tmp_path):
     cli("compare", bad).assert_one_line_error(2, "not valid JSON")
 
 
-def test_json_to_stdout_keeps_tables_on_stderr(cli, gqa_model):
-    result = cli("compare", gqa_model, "--backends", "torch", "--repeat", 1, "--json", "-",
+def test_json_to_stdout_keeps_tables_on_stderr(cli, bug_model):
+    result = cli("compare", bug_model, "--backends", "torch", "--repeat", 1, "--json", "-",
                  "--engine", ENGINE + " --bug gqa")
     assert result.code == 1
     report = json.loads(result.out)  # stdout is the JSON document alone

@@ -86,16 +86,6 @@ def build_runner(kernel_tree, edits) -> Path:
     return build / "xvalid-run"
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """GQA 8/2, two padded rows (left and right), random norm weights: every bug shows."""
-    from conftest import generate_flags, run_xvalid
-    path = tmp_path_factory.mktemp("mutant-model") / "m.json"
-    run_xvalid("generate", *generate_flags(seq_len=8, batch_size=3, pad=2, seed=5), "-o", path,
-               check=True)
-    return path
-
-
 def compare_runner(cli, tmp_path, model, runner):
     report = tmp_path / "r.json"
     result = cli("compare", model, "--backends", "torch", "--repeat", 1, "--json", report,
@@ -103,16 +93,16 @@ def compare_runner(cli, tmp_path, model, runner):
     return result, json.loads(report.read_text())["candidates"][1]
 
 
-def test_unmutated_kernel_passes(cli, tmp_path, kernel_tree, model):
-    result, engine = compare_runner(cli, tmp_path, model, build_runner(kernel_tree, []))
+def test_unmutated_kernel_passes(cli, tmp_path, kernel_tree, bug_model):
+    result, engine = compare_runner(cli, tmp_path, bug_model, build_runner(kernel_tree, []))
     assert result.code == 0, result.out + result.err
     assert engine["divergence"]["first"] is None
 
 
 @pytest.mark.parametrize("bug", sorted(MUTATIONS))
-def test_mutated_kernel_fails_at_the_right_place(cli, tmp_path, kernel_tree, model, bug):
+def test_mutated_kernel_fails_at_the_right_place(cli, tmp_path, kernel_tree, bug_model, bug):
     edits, (layer, point) = MUTATIONS[bug]
-    result, engine = compare_runner(cli, tmp_path, model, build_runner(kernel_tree, edits))
+    result, engine = compare_runner(cli, tmp_path, bug_model, build_runner(kernel_tree, edits))
     assert result.code == 1, result.out + result.err
     first = engine["divergence"]["first"]
     assert (first["layer"], first["point"]) == (layer, point), first
