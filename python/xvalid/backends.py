@@ -22,11 +22,6 @@ from .modelfile import ModelFile
 BUILTIN_BACKENDS = ("torch", "cpp")
 
 
-def set_torch_threads(n: int) -> None:
-    import torch
-    torch.set_num_threads(n)
-
-
 class TorchBackend:
     """The reference: model-spec.md in PyTorch eager, float32 or float64."""
 
@@ -36,7 +31,8 @@ class TorchBackend:
         self.model = Reference(mf, dtype)
 
     def set_threads(self, n: int) -> None:
-        set_torch_threads(n)
+        import torch
+        torch.set_num_threads(n)
 
     def forward(self, ids, mask, capture: bool = False):
         sink = {} if capture else None
@@ -113,13 +109,3 @@ class CppBackend:
         steps = [self._call(self.model.step, ids[:, t:t + 1], mask[:, :t + 1])
                  for t in range(n_prefill, ids.shape[1])]
         return np.concatenate(steps, axis=1)
-
-
-def make_backend(name: str, mf: ModelFile, path: str | os.PathLike):
-    if name == "torch":
-        return TorchBackend(mf, "float32")
-    if name == "torch-float64":
-        return TorchBackend(mf, "float64")
-    if name == "cpp":
-        return CppBackend(path)
-    raise XValidError(f"unknown backend {name!r} (choose from {', '.join(BUILTIN_BACKENDS)})")

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .backends import BUILTIN_BACKENDS
 from .config import PRESETS, ModelConfig
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, XValidError
 
@@ -97,7 +98,7 @@ def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_p
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["torch", "cpp"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(BUILTIN_BACKENDS), default="torch", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True, help="Reference precision (torch backend only).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
@@ -152,9 +153,10 @@ def inspect(model, tensors):
 
 def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in value.split(",") if n.strip())
-    unknown = [n for n in names if n not in ("torch", "cpp")]
+    unknown = [n for n in names if n not in BUILTIN_BACKENDS]
     if unknown:
-        raise click.BadParameter(f"unknown backend {unknown[0]!r} (choose from torch, cpp)")
+        raise click.BadParameter(f"unknown backend {unknown[0]!r} "
+                                 f"(choose from {', '.join(BUILTIN_BACKENDS)})")
     return names
 
 
