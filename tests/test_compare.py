@@ -195,6 +195,13 @@ def test_explicit_tolerance_overrides_and_smallest_passing_atol(cli, tmp_path, b
     assert result.code == 1
 
 
+@pytest.mark.parametrize("suffix,magic", [(".svg", b"<?xml"), (".pdf", b"%PDF")])
+def test_plot_formats(cli, tmp_path, bug_model, suffix, magic):
+    plot = tmp_path / f"err{suffix}"
+    result, _ = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE, "--plot", plot)
+    assert result.code == 0 and plot.read_bytes().startswith(magic)
+
+
 def test_save_logits_and_plot(cli, tmp_path, bug_model):
     out = tmp_path / "logits"
     plot = tmp_path / "err.png"
@@ -216,6 +223,7 @@ def test_save_logits_and_plot(cli, tmp_path, bug_model):
     (["--repeat", 0], "--repeat"),
     (["--threads", 0], "--threads"),
     (["--engine-timeout", -1], "--engine-timeout"),
+    (["--plot", "errors.jpgx"], "must end in .png, .svg, .pdf"),
 ])
 def test_usage_errors(cli, bug_model, args, needle):
     cli("compare", bug_model, *args).assert_one_line_error(2, needle)

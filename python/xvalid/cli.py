@@ -151,6 +151,16 @@ def inspect(model, tensors):
 # compare
 
 
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def _plot_path(ctx, param, value: Path | None) -> Path | None:
+    if value is not None and value.suffix.lower() not in PLOT_FORMATS:
+        raise click.BadParameter(f"{value.name}: the file name must end in "
+                                 f"{', '.join(PLOT_FORMATS)}")
+    return value
+
+
 def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in value.split(",") if n.strip())
     unknown = [n for n in names if n not in BUILTIN_BACKENDS]
@@ -179,8 +189,8 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--intermediates/--no-intermediates", default=True, show_default=True,
               help="Capture intermediates to find the first divergence.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the error-per-layer plot (PNG, SVG or PDF).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), callback=_plot_path,
+              help="Write the error-per-layer plot (.png, .svg or .pdf).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write the report as JSON (schema: xvalid-compare-report v1); '-' for stdout, "
                    "with the tables on stderr.")

@@ -58,6 +58,6 @@ def plot_divergence(report: dict, path: Path) -> None:
             line.legend()
         fig.suptitle(f"{report['model']['path']}: verdict {report['verdict'].upper()}")
     fig.tight_layout()
-    atomic_write(path, lambda fp: fig.savefig(fp, format=path.suffix.lstrip(".") or "png", dpi=110),
+    atomic_write(path, lambda fp: fig.savefig(fp, format=path.suffix.lstrip(".").lower(), dpi=110),
                  binary=True)
     plt.close(fig)
