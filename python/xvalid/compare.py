@@ -66,17 +66,24 @@ def split_name(name: str) -> tuple[int | None, str]:
     return None, name
 
 
-def divergence(cand: dict, ref32: dict, ref64: dict, keep: np.ndarray, names: list[str],
-               policy) -> dict:
+def intermediate_budgets(ref32: dict, ref64: dict, keep: np.ndarray, policy) -> dict:
+    """Per intermediate, once per run: (max |reference|, float32-vs-float64 noise, budget)."""
+    budgets = {}
+    for name, ref in ref32.items():
+        noise, scale = tensor_error(ref64[name], ref, keep)  # scale: max |float32 reference|
+        budgets[name] = (scale, noise, policy.atol(noise, scale))
+    return budgets
+
+
+def divergence(cand: dict, ref32: dict, budgets: dict, keep: np.ndarray, names: list[str]) -> dict:
     """Per intermediate: error vs the float32 reference and its budget; the first over budget."""
     points, first = [], None
     for name in names:
         if name not in cand or name not in ref32:
             continue
         layer, point = split_name(name)
-        error, scale = tensor_error(cand[name], ref32[name], keep)
-        noise, _ = tensor_error(ref32[name], ref64[name], keep)
-        budget = policy.atol(noise, scale)
+        error, _ = tensor_error(cand[name], ref32[name], keep)
+        scale, noise, budget = budgets[name]
         row = {"name": name, "layer": layer, "point": point, "error": error, "scale": scale,
                "noise": noise, "budget": budget, "diverged": bool(not error <= budget)}
         points.append(row)
@@ -216,6 +223,7 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
         candidates.append(run_engine(engine, model, logits32.shape, shapes))
 
     progress("computing metrics")
+    budgets = intermediate_budgets(inter32, inter64, keep, policy)
     for cand in candidates:
         r = cand.report
         r.update(name=cand.name, kind=cand.kind)
@@ -226,7 +234,7 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
         against = logits64 if cand.kind == "reference" else logits32
         r["metrics"] = logit_metrics(cand.logits, against, keep, atol, rtol, 2 * atol)
         if cand.intermediates and cand.kind != "reference":
-            r["divergence"] = divergence(cand.intermediates, inter32, inter64, keep, names, policy)
+            r["divergence"] = divergence(cand.intermediates, inter32, budgets, keep, names)
         r["status"] = "pass" if r["metrics"]["pass"] else "fail"
 
     if opts.decode:
