@@ -160,6 +160,22 @@ def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
     return array
 
 
+def named_tensors(mf: ModelFile) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of a model file with its key, in file order ("weights.layers[1].wk": the
+    keys the reader's error messages use)."""
+    w = mf.weights
+    yield "inputs.input_ids", mf.input_ids
+    yield "inputs.attention_mask", mf.attention_mask
+    yield "rope.cos", mf.rope_cos
+    yield "rope.sin", mf.rope_sin
+    yield "weights.tok_embedding", w.tok_embedding
+    yield "weights.final_rms", w.final_rms
+    yield "weights.lm_head", w.lm_head
+    for index, layer in enumerate(w.layers):
+        for f in fields(LayerWeights):
+            yield f"weights.layers[{index}].{f.name}", getattr(layer, f.name)
+
+
 def tensor_checksum(array: np.ndarray) -> str:
     """sha256 of the raw bytes as stored (first 16 hex digits): equal bytes, equal checksum."""
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .modelfile import LayerWeights, ModelFile, tensor_checksum
+from .modelfile import ModelFile, named_tensors, tensor_checksum
 
 # Not a terminal (CI logs, pipes): wide enough that the comparison tables do not fold.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 180)
@@ -73,20 +72,6 @@ def print_generate_summary(mf: ModelFile, path: Path, seconds: float) -> None:
         console.print(f"  reference {reference_line(mf.meta['reference'])}")
 
 
-def _tensor_rows(mf: ModelFile):
-    w = mf.weights
-    yield "inputs.input_ids", mf.input_ids
-    yield "inputs.attention_mask", mf.attention_mask
-    yield "rope.cos", mf.rope_cos
-    yield "rope.sin", mf.rope_sin
-    yield "weights.tok_embedding", w.tok_embedding
-    yield "weights.final_rms", w.final_rms
-    yield "weights.lm_head", w.lm_head
-    for index, layer in enumerate(w.layers):
-        for f in fields(LayerWeights):
-            yield f"weights.layers[{index}].{f.name}", getattr(layer, f.name)
-
-
 def _preview(array: np.ndarray, n: int = 4) -> str:
     flat = array.reshape(-1)[:n]
     text = ", ".join(f"{v:.4g}" if array.dtype.kind == "f" else str(v) for v in flat)
@@ -112,7 +97,7 @@ def print_inspect(mf: ModelFile, path: Path, show_tensors: bool = True) -> None:
     for column in ("key", "shape", "dtype", "bytes", "preview", "sha256[:16]"):
         table.add_column(column, justify="right" if column == "bytes" else "left")
     total = 0
-    for key, array in _tensor_rows(mf):
+    for key, array in named_tensors(mf):
         total += array.nbytes
         table.add_row(key, str(list(array.shape)), str(array.dtype), f"{array.nbytes:,}",
                       _preview(array), tensor_checksum(array))
