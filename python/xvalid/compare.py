@@ -23,7 +23,7 @@ from . import __version__
 from .backends import CppBackend, TorchBackend, load_core
 from .engines import ExternalEngine, read_intermediates, read_logits_file
 from .errors import EXIT_ENGINE, EXIT_FAIL, EXIT_PASS, EngineError, InputError
-from .metrics import POLICIES, logit_metrics, tensor_error
+from .metrics import POLICIES, logit_metrics, tensor_error, within
 from .modelfile import ModelFile, read_model
 from .reference import intermediate_names
 from .timing import time_call
@@ -109,7 +109,7 @@ def decode_drift(backend, mf: ModelFile, reference_logits: np.ndarray, steps: in
         diff = np.abs(cand - ref)
         diff[~np.isfinite(cand)] = np.inf
         rows.append({"step": i + 1, "position": position, "max_abs": float(diff.max()),
-                     "pass": bool((diff <= atol + rtol * np.abs(ref)).all())})
+                     "pass": bool(within(diff, ref, atol, rtol).all())})
     return {"prefill": S - steps, "steps": rows, "pass": all(r["pass"] for r in rows)}
 
 

@@ -86,8 +86,7 @@ def logit_metrics(cand: np.ndarray, ref: np.ndarray, keep: np.ndarray, atol: flo
     agree = (np.argmax(np.where(finite, c, -np.inf), -1) == np.argmax(r, -1)) & decisive
     out["top1"] = {"agree": int(agree.sum()), "decisive_rows": int(decisive.sum()),
                    "rows": int(len(r)), "margin_threshold": float(top1_margin)}
-    allowed = atol + rtol * np.abs(r)
-    out["budget_used"] = float((diff / allowed).max())
+    out["budget_used"] = float((diff / (atol + rtol * np.abs(r))).max())
     out["min_passing_atol"] = float(np.maximum(diff - rtol * np.abs(r), 0).max())
     out["pass"] = bool(bad is None and within(diff, r, atol, rtol).all()
                        and out["top1"]["agree"] == out["top1"]["decisive_rows"])
