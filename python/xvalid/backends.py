@@ -1,7 +1,8 @@
 """Backends that run a model file in-process: the PyTorch reference and the C++ kernel.
 
-Every backend offers the same three calls, so compare/run treat them alike:
+Every backend is a Backend, so compare/run treat them alike:
   forward(ids, mask, capture) -> (logits (B,S,V) float32|float64 numpy, intermediates or None)
+  reset_cache(), step(ids, mask) -> logits: the KV cache, one call at a time
   decode(ids, mask, n_prefill) -> logits (B, S-n_prefill, V): prefill, then one token a step
   set_threads(n)
 External engines (separate processes) live in engines.py.
@@ -22,7 +23,28 @@ from .modelfile import ModelFile
 BUILTIN_BACKENDS = ("torch", "cpp")
 
 
-class TorchBackend:
+class Backend:
+    """What compare and run need of an in-process backend. Subclasses provide forward,
+    set_threads, and the two KV-cache calls that decode is built from."""
+
+    name: str
+
+    def reset_cache(self) -> None:
+        raise NotImplementedError
+
+    def step(self, ids, mask) -> np.ndarray:
+        """Append ids (B,T) to the cache; mask (B, cached + T). Returns logits (B,T,V)."""
+        raise NotImplementedError
+
+    def decode(self, ids, mask, n_prefill: int) -> np.ndarray:
+        """Prefill n_prefill tokens, then one token a step: logits (B, S - n_prefill, V)."""
+        self.reset_cache()
+        self.step(ids[:, :n_prefill], mask[:, :n_prefill])
+        return np.concatenate([self.step(ids[:, t:t + 1], mask[:, :t + 1])
+                               for t in range(n_prefill, ids.shape[1])], axis=1)
+
+
+class TorchBackend(Backend):
     """The reference: model-spec.md in PyTorch eager, float32 or float64."""
 
     def __init__(self, mf: ModelFile, dtype: str = "float32"):
@@ -39,12 +61,11 @@ class TorchBackend:
         logits = self.model.forward(ids, mask, capture=sink)
         return logits.numpy(), ({k: v.numpy() for k, v in sink.items()} if capture else None)
 
-    def decode(self, ids, mask, n_prefill: int) -> np.ndarray:
-        cache, steps = self.model.new_cache(), []
-        self.model.forward(ids[:, :n_prefill], mask[:, :n_prefill], cache=cache)
-        for t in range(n_prefill, ids.shape[1]):
-            steps.append(self.model.forward(ids[:, t:t + 1], mask[:, :t + 1], cache=cache).numpy())
-        return np.concatenate(steps, axis=1)
+    def reset_cache(self) -> None:
+        self.cache = self.model.new_cache()
+
+    def step(self, ids, mask) -> np.ndarray:
+        return self.model.forward(ids, mask, cache=self.cache).numpy()
 
 
 _core_import: Future | None = None
@@ -78,7 +99,7 @@ def load_core():
         raise BuildError("the C++ rebuild failed (compiler output above)") from None
 
 
-class CppBackend:
+class CppBackend(Backend):
     """The C++ kernel through pybind11; it parses the model file itself."""
 
     name = "cpp"
@@ -103,9 +124,8 @@ class CppBackend:
         out = self._call(self.model.forward, ids, mask, capture=capture)
         return out if capture else (out, None)
 
-    def decode(self, ids, mask, n_prefill: int) -> np.ndarray:
+    def reset_cache(self) -> None:
         self.model.reset_cache()
-        self._call(self.model.step, ids[:, :n_prefill], mask[:, :n_prefill])
-        steps = [self._call(self.model.step, ids[:, t:t + 1], mask[:, :t + 1])
-                 for t in range(n_prefill, ids.shape[1])]
-        return np.concatenate(steps, axis=1)
+
+    def step(self, ids, mask) -> np.ndarray:
+        return self._call(self.model.step, ids, mask)
