@@ -195,8 +195,9 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
     ref32 = TorchBackend(mf, "float32")
     torch_load_s = parse_s + time.perf_counter() - start
     ref64 = TorchBackend(mf, "float64")
-    logits32, inter32 = ref32.forward(mf.input_ids, mf.attention_mask, capture=True)
-    logits64, inter64 = ref64.forward(mf.input_ids, mf.attention_mask, capture=True)
+    # Intermediates only when asked for: for a large model they are hundreds of MB each.
+    logits32, inter32 = ref32.forward(mf.input_ids, mf.attention_mask, capture=opts.intermediates)
+    logits64, inter64 = ref64.forward(mf.input_ids, mf.attention_mask, capture=opts.intermediates)
     noise = float(np.abs(logits32[keep] - logits64[keep]).max())
     ref_absmax = float(np.abs(logits32[keep]).max())
     policy = POLICIES["float32"]
@@ -223,7 +224,7 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
         candidates.append(run_engine(engine, model, logits32.shape, shapes))
 
     progress("computing metrics")
-    budgets = intermediate_budgets(inter32, inter64, keep, policy)
+    budgets = intermediate_budgets(inter32, inter64, keep, policy) if opts.intermediates else {}
     for cand in candidates:
         r = cand.report
         r.update(name=cand.name, kind=cand.kind)
