@@ -1,0 +1,55 @@
+// Run-time choice of the fast matmul's instruction set: AVX2+FMA when built for x86-64 and
+// the CPU has both, else portable; XVALID_ISA=portable forces portable (for testing).
+// Decided once, on the first call.
+#include "matmul.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "matmul_isa.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define XVALID_HAVE_AVX2_TU 1
+#endif
+
+namespace xvalid::fast {
+namespace {
+
+bool use_avx2() {
+#ifdef XVALID_HAVE_AVX2_TU
+    static const bool chosen = [] {
+        const char* forced = std::getenv("XVALID_ISA");
+        if (forced && std::strcmp(forced, "portable") == 0) return false;
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }();
+    return chosen;
+#else
+    return false;
+#endif
+}
+
+}  // namespace
+
+void matmul_nt(float* C, const float* A, const float* B, int M, int N, int K,
+               const float* row_scale, const float* col_scale, bool accumulate, int n_threads) {
+#ifdef XVALID_HAVE_AVX2_TU
+    if (use_avx2())
+        return avx2::matmul_nt(C, A, B, M, N, K, row_scale, col_scale, accumulate, n_threads);
+#endif
+    portable::matmul_nt(C, A, B, M, N, K, row_scale, col_scale, accumulate, n_threads);
+}
+
+void matmul_nt_swiglu(float* out, const float* A, const float* B_gate, const float* B_up,
+                      int M, int N, int K, const float* row_scale, const float* col_scale,
+                      int n_threads) {
+#ifdef XVALID_HAVE_AVX2_TU
+    if (use_avx2())
+        return avx2::matmul_nt_swiglu(out, A, B_gate, B_up, M, N, K, row_scale, col_scale, n_threads);
+#endif
+    portable::matmul_nt_swiglu(out, A, B_gate, B_up, M, N, K, row_scale, col_scale, n_threads);
+}
+
+const char* matmul_isa() { return use_avx2() ? "avx2+fma" : "portable"; }
+
+}  // namespace xvalid::fast
