@@ -2,6 +2,7 @@
 // converted and checked here; every semantic check lives in the kernel or the loader.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
 #include <cstring>
@@ -54,8 +55,41 @@ static Int64Matrix int64_matrix(py::handle obj, const char* name, bool allow_boo
 // forward() releases the GIL, and one RunState cannot serve two threads at once.
 class Model {
 public:
-    explicit Model(const std::filesystem::path& path)
-        : path_(path.string()), file_(xvalid::load_model_file(path_)), transformer_(file_.config, file_.weights) {}
+    Model(const std::filesystem::path& path, const std::string& kernel)
+        : path_(path.string()),
+          file_(xvalid::load_model_file(path_)),
+          transformer_(file_.config, file_.weights, xvalid::find_kernel(kernel)) {}
+
+    std::string kernel() const { return transformer_.kernel().name; }
+
+    void set_profiling(bool on) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        transformer_.set_profiling(on);
+    }
+
+    void reset_profile() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        transformer_.reset_profile();
+    }
+
+    // One dict per op that ran since the last reset, in forward order.
+    py::list profile() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        py::list rows;
+        const xvalid::Profile& p = transformer_.profile();
+        for (int i = 0; i < (int)xvalid::Op::count; i++) {
+            const xvalid::OpStats& s = p.ops[i];
+            if (s.calls == 0) continue;
+            py::dict row;
+            row["op"] = xvalid::op_name((xvalid::Op)i);
+            row["calls"] = s.calls;
+            row["seconds"] = s.seconds;
+            row["flops"] = s.flops;
+            row["bytes"] = s.bytes;
+            rows.append(row);
+        }
+        return rows;
+    }
 
     py::dict config() const {
         const xvalid::Config& c = file_.config;
@@ -131,7 +165,7 @@ public:
 
     std::string repr() const {
         const xvalid::Config& c = file_.config;
-        return "<xvalid._core.Model '" + path_ + "' H=" + std::to_string(c.hidden_size) + " L=" +
+        return "<xvalid._core.Model '" + path_ + "' kernel=" + kernel() + " H=" + std::to_string(c.hidden_size) + " L=" +
                std::to_string(c.num_layers) + " NH=" + std::to_string(c.num_heads) + " KVH=" +
                std::to_string(c.num_kv_heads) + " V=" + std::to_string(c.vocab_size) + ">";
     }
@@ -155,11 +189,20 @@ PYBIND11_MODULE(_core, m) {
     py::register_exception<xvalid::InputError>(m, "InputError", PyExc_ValueError);
 
     py::class_<Model>(m, "Model")
-        .def(py::init([](const std::filesystem::path& path) {
+        .def(py::init([](const std::filesystem::path& path, const std::string& kernel) {
+                 xvalid::find_kernel(kernel);  // an unknown name fails before the file is read
                  py::gil_scoped_release no_gil;  // loading a large file takes a while
-                 return std::make_unique<Model>(path);
+                 return std::make_unique<Model>(path, kernel);
              }),
-             py::arg("path"), "Loads and checks a model file; raises ModelFileError (a ValueError).")
+             py::arg("path"), py::arg("kernel") = xvalid::default_kernel_name(),
+             "Loads and checks a model file; raises ModelFileError (a ValueError).\n"
+             "kernel: one of kernels() ('fast', the default, or 'clear'); InputError otherwise.")
+        .def_property_readonly("kernel", &Model::kernel, "The kernel this model computes with.")
+        .def("set_profiling", &Model::set_profiling, py::arg("on"),
+             "Turn the per-op timers on or off (off: they cost nothing).")
+        .def("reset_profile", &Model::reset_profile, "Zero the per-op timers.")
+        .def("profile", &Model::profile,
+             "Per-op totals since the last reset: [{op, calls, seconds, flops, bytes}] in forward order.")
         .def_property_readonly("config", &Model::config, "The model's hyperparameters as a dict.")
         .def_property_readonly("input_ids", &Model::input_ids, "The file's input_ids, int32 (B, S).")
         .def_property_readonly("attention_mask", &Model::attention_mask, "The file's attention_mask, uint8 (B, S).")
@@ -180,6 +223,7 @@ PYBIND11_MODULE(_core, m) {
             "mask is (B, cache_len + T) over cached and new tokens, None = all ones.")
         .def("__repr__", &Model::repr);
 
+    m.def("kernels", &xvalid::kernel_names, "Names of the kernels a Model can use; the first is the default.");
     m.def("set_num_threads", &xvalid::set_num_threads, py::arg("n"), "Threads for the kernel (OpenMP).");
     m.def("get_num_threads", &xvalid::get_num_threads, "Threads the kernel uses (1 without OpenMP).");
     m.def("build_info", []() {
@@ -187,6 +231,7 @@ PYBIND11_MODULE(_core, m) {
         d["compiler"] = XVALID_COMPILER;
         d["build_type"] = XVALID_BUILD_TYPE;
         d["openmp"] = xvalid::openmp_enabled();
+        d["fast_kernel_isa"] = xvalid::fast_kernel_isa();
         return d;
-    }, "How this module was built: compiler, build_type, openmp.");
+    }, "How this module was built: compiler, build_type, openmp, and the fast kernel's instruction set.");
 }

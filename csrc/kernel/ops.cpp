@@ -4,6 +4,9 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <vector>
+
+#include "kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -92,19 +95,37 @@ void rope_forward(float* x, int B, int T, int n_heads, int hd, int p0,
     }
 }
 
+void rope_append_kv_forward(float* q, float* k, const float* v, float* key_cache, float* value_cache,
+                            int B, int T, int NH, int KVH, int hd, int p0, int capacity,
+                            const float* cos_table, const float* sin_table) {
+    rope_forward(q, B, T, NH, hd, p0, cos_table, sin_table);
+    rope_forward(k, B, T, KVH, hd, p0, cos_table, sin_table);
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int g = 0; g < KVH; g++) {
+                size_t from = (((size_t)b * T + t) * KVH + g) * hd;
+                size_t to = (((size_t)b * KVH + g) * capacity + p0 + t) * hd;
+                std::memcpy(key_cache + to, k + from, sizeof(float) * hd);
+                std::memcpy(value_cache + to, v + from, sizeof(float) * hd);
+            }
+        }
+    }
+}
+
 void attention_forward(float* out, const float* q, const float* key_cache, const float* value_cache,
-                       const int64_t* mask, float* scores, int B, int T, int p0, int NH, int KVH,
-                       int hd, int capacity) {
+                       const int64_t* mask, int B, int T, int p0, int NH, int KVH, int hd,
+                       int capacity) {
     int kv_mul = NH / KVH;                   // query heads per key/value head
     int mask_len = p0 + T;                   // keys this call can see: cached + new
     float scale = (float)std::sqrt((double)hd);
-    size_t kv_stride = (size_t)KVH * hd;     // from one cached position to the next
 #pragma omp parallel for collapse(2) num_threads(get_num_threads())
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
-            float* att = scores + ((size_t)b * NH + h) * capacity;
-            const float* keys = key_cache + (size_t)b * capacity * kv_stride + (size_t)(h / kv_mul) * hd;
-            const float* values = value_cache + (size_t)b * capacity * kv_stride + (size_t)(h / kv_mul) * hd;
+            static thread_local std::vector<float> att;  // (p0+T) scores; grows, never per call
+            if ((int)att.size() < mask_len) att.resize(mask_len);
+            size_t slab = ((size_t)b * KVH + h / kv_mul) * capacity * hd;  // this kv head's cache
+            const float* keys = key_cache + slab;
+            const float* values = value_cache + slab;
             const int64_t* key_mask = mask ? mask + (size_t)b * mask_len : nullptr;
             for (int i = 0; i < T; i++) {
                 const float* qi = q + (((size_t)b * T + i) * NH + h) * hd;
@@ -112,7 +133,7 @@ void attention_forward(float* out, const float* q, const float* key_cache, const
                 // scores, divided by sqrt(hd) as written in the reference; padding keys get -1e9
                 float max_score = -INFINITY;
                 for (int j = 0; j < n_keys; j++) {
-                    const float* kj = keys + (size_t)j * kv_stride;
+                    const float* kj = keys + (size_t)j * hd;
                     double dot = 0.0;
                     for (int e = 0; e < hd; e++) dot += (double)qi[e] * kj[e];
                     float s = (float)dot / scale;
@@ -131,7 +152,7 @@ void attention_forward(float* out, const float* q, const float* key_cache, const
                 float* oi = out + (((size_t)b * T + i) * NH + h) * hd;
                 for (int e = 0; e < hd; e++) {
                     double acc = 0.0;
-                    for (int j = 0; j < n_keys; j++) acc += (double)att[j] * values[(size_t)j * kv_stride + e];
+                    for (int j = 0; j < n_keys; j++) acc += (double)att[j] * values[(size_t)j * hd + e];
                     oi[e] = (float)acc;
                 }
             }
@@ -149,5 +170,36 @@ void swiglu_forward(float* out, const float* gate, const float* up, int64_t n) {
 void residual_forward(float* x, const float* delta, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += delta[i];
 }
+
+void residual_rmsnorm_forward(float* x, const float* delta, const float* weight, float* out,
+                              int rows, int n, float eps) {
+    if (delta) residual_forward(x, delta, (int64_t)rows * n);
+    rmsnorm_forward(out, x, weight, rows, n, eps);
+}
+
+void matmul_swiglu_forward(float* out, const float* x, const float* w_gate, const float* w_up,
+                           int rows, int n, int d, float* gate, float* up) {
+    static thread_local std::vector<float> scratch;  // gate and up when the caller keeps neither
+    size_t size = (size_t)rows * d;
+    if (!gate || !up) {
+        if (scratch.size() < 2 * size) scratch.resize(2 * size);
+        gate = scratch.data();
+        up = scratch.data() + size;
+    }
+    matmul_forward(gate, x, w_gate, rows, n, d);
+    matmul_forward(up, x, w_up, rows, n, d);
+    swiglu_forward(out, gate, up, (int64_t)size);
+}
+
+const KernelOps clear_kernel = {
+    "clear",
+    "naive ops, dot products accumulated in double (csrc/kernel/ops.cpp)",
+    embedding_forward,
+    residual_rmsnorm_forward,
+    matmul_forward,
+    matmul_swiglu_forward,
+    rope_append_kv_forward,
+    attention_forward,
+};
 
 }  // namespace xvalid

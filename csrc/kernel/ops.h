@@ -1,5 +1,8 @@
-// The decoder's building blocks, llm.c style: each <op>_forward works on whole
-// (rows, width) row-major float arrays and allocates nothing.
+// The clear kernel's building blocks, llm.c style: each <op>_forward works on whole
+// (rows, width) row-major float arrays, naive on purpose: the reference a reader opens
+// first, and the one the fast kernel (fast/) is tested against. clear_kernel (kernels.h)
+// is the table of these ops; where the table asks for a fused op, the clear version
+// composes the plain ones.
 //
 // Dimensions: rows = B*T token rows, H = hidden, NH/KVH = query/key-value heads,
 // hd = head_dim, I = intermediate size.
@@ -29,27 +32,42 @@ void rmsnorm_forward(float* out, const float* x, const float* weight, int rows, 
 // out (rows, d) = x (rows, n) W^T with W (d, n), like nn.Linear without bias.
 void matmul_forward(float* out, const float* x, const float* w, int rows, int n, int d);
 
+// out (rows, d) = silu(x W_gate^T) * (x W_up^T): two matmul_forward calls, then swiglu_forward.
+// gate and up (rows, d) receive the two products; nullptr = internal scratch.
+void matmul_swiglu_forward(float* out, const float* x, const float* w_gate, const float* w_up,
+                           int rows, int n, int d, float* gate, float* up);
+
 // x (B, T, n_heads, hd) rotated in place, rotate-half layout; token t of every
 // sequence sits at absolute position p0 + t and uses row p0 + t of the (max_pos, hd) tables.
 void rope_forward(float* x, int B, int T, int n_heads, int hd, int p0,
                   const float* cos_table, const float* sin_table);
 
+// rope_forward on q and k, then k and v (B, T, KVH, hd) copied into the caches
+// (B, KVH, capacity, hd) at positions p0 .. p0+T-1.
+void rope_append_kv_forward(float* q, float* k, const float* v, float* key_cache, float* value_cache,
+                            int B, int T, int NH, int KVH, int hd, int p0, int capacity,
+                            const float* cos_table, const float* sin_table);
+
 // Causal attention of T new queries per sequence over the p0 cached keys plus the T new ones.
 //   out         (B, T, NH, hd)          per-head outputs, head-major like concat_heads
 //   q           (B, T, NH, hd)          queries, after RoPE
-//   key_cache   (B, capacity, KVH, hd)  keys of positions 0 .. p0+T-1 (this layer), after RoPE
-//   value_cache (B, capacity, KVH, hd)
+//   key_cache   (B, KVH, capacity, hd)  keys of positions 0 .. p0+T-1 (this layer), after RoPE
+//   value_cache (B, KVH, capacity, hd)
 //   mask        (B, p0+T)               1 = attend, 0 = padding key; nullptr = all ones
-//   scores      (B*NH, capacity)        scratch
-// Query head h reads key/value head h / (NH/KVH) (grouped-query attention).
+// Query head h reads key/value head h / (NH/KVH) (grouped-query attention). Scores are
+// computed for all keys, then softmax-ed: the textbook two-pass form.
 void attention_forward(float* out, const float* q, const float* key_cache, const float* value_cache,
-                       const int64_t* mask, float* scores, int B, int T, int p0, int NH, int KVH,
-                       int hd, int capacity);
+                       const int64_t* mask, int B, int T, int p0, int NH, int KVH, int hd,
+                       int capacity);
 
 // out (n) = silu(gate) * up with silu(z) = z * sigmoid(z); out may alias gate or up.
 void swiglu_forward(float* out, const float* gate, const float* up, int64_t n);
 
 // x (n) += delta, the residual connection.
 void residual_forward(float* x, const float* delta, int64_t n);
+
+// residual_forward (when delta is not nullptr), then rmsnorm_forward into out.
+void residual_rmsnorm_forward(float* x, const float* delta, const float* weight, float* out,
+                              int rows, int n, float eps);
 
 }  // namespace xvalid

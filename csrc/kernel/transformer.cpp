@@ -1,6 +1,7 @@
 #include "transformer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstring>
 #include <initializer_list>
@@ -23,11 +24,71 @@ static void record(Intermediates* capture, int layer, const char* name,
     capture->push_back(std::move(t));
 }
 
+// Calls the kernel's ops, timing each under its profile name when profiling is on. The
+// floating-point operations and bytes are the op's nominal work, for GFLOP/s and GB/s.
+class OpRunner {
+public:
+    OpRunner(const KernelOps& ops, Profile& profile) : ops_(ops), profile_(profile) {}
+
+    void embedding(float* out, const int64_t* ids, const float* table, int rows, int H) {
+        timed(Op::embedding, 0, 8.0 * rows * H, [&] { ops_.embedding(out, ids, table, rows, H); });
+    }
+    void residual_rmsnorm(float* x, const float* delta, const float* w, float* out, int rows, int n,
+                          float eps) {
+        double bytes = 4.0 * rows * n * (delta ? 4 : 2);
+        timed(Op::rmsnorm, 5.0 * rows * n, bytes,
+              [&] { ops_.residual_rmsnorm(x, delta, w, out, rows, n, eps); });
+    }
+    void matmul(Op op, float* out, const float* x, const float* w, int rows, int n, int d) {
+        double bytes = 4.0 * ((double)d * n + (double)rows * n + (double)rows * d);
+        timed(op, 2.0 * rows * n * d, bytes, [&] { ops_.matmul(out, x, w, rows, n, d); });
+    }
+    void matmul_swiglu(float* out, const float* x, const float* wg, const float* wu, int rows, int n,
+                       int d, float* gate, float* up) {
+        double bytes = 4.0 * (2.0 * d * n + (double)rows * n + (double)rows * d);
+        timed(Op::gate_up_swiglu, 4.0 * rows * n * d, bytes,
+              [&] { ops_.matmul_swiglu(out, x, wg, wu, rows, n, d, gate, up); });
+    }
+    void rope_append_kv(float* q, float* k, const float* v, float* kc, float* vc, int B, int T, int NH,
+                        int KVH, int hd, int p0, int capacity, const float* cos_t, const float* sin_t) {
+        double values = (double)B * T * hd;
+        timed(Op::rope, 3.0 * values * (NH + KVH), 4.0 * values * (2 * NH + 4 * KVH + 2), [&] {
+            ops_.rope_append_kv(q, k, v, kc, vc, B, T, NH, KVH, hd, p0, capacity, cos_t, sin_t);
+        });
+    }
+    void attention(float* out, const float* q, const float* kc, const float* vc, const int64_t* mask,
+                   int B, int T, int p0, int NH, int KVH, int hd, int capacity) {
+        // query i sees p0 + i + 1 keys: q.k and p.v are 2 * hd flops each per (query, key)
+        double pairs = (double)B * NH * ((double)T * p0 + (double)T * (T + 1) / 2);
+        double bytes = 4.0 * ((double)B * KVH * (p0 + T) * hd * 2 + 2.0 * B * T * NH * hd);
+        timed(Op::attention, 4.0 * hd * pairs, bytes, [&] {
+            ops_.attention(out, q, kc, vc, mask, B, T, p0, NH, KVH, hd, capacity);
+        });
+    }
+
+private:
+    template <class F>
+    void timed(Op op, double flops, double bytes, F&& run) {
+        if (!profile_.enabled) {
+            run();
+            return;
+        }
+        auto start = std::chrono::steady_clock::now();
+        run();
+        std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+        profile_.add(op, elapsed.count(), flops, bytes);
+    }
+
+    const KernelOps& ops_;
+    Profile& profile_;
+};
+
 // The decoder over T new tokens per sequence at positions p0 .. p0+T-1. Reads cache
 // positions 0 .. p0-1, writes p0 .. p0+T-1, and leaves the logits (B, T, V) in s.logits.
 // Inputs are already checked and the buffers sized (Transformer::step).
-static void transformer_forward(const Config& c, const Weights& w, RunState& s, const int64_t* ids,
-                                 const int64_t* mask, int B, int T, int p0, Intermediates* capture) {
+static void transformer_forward(const Config& c, const Weights& w, RunState& s, OpRunner& op,
+                                const int64_t* ids, const int64_t* mask, int B, int T, int p0,
+                                Intermediates* capture) {
     int H = c.hidden_size, NH = c.num_heads, KVH = c.num_kv_heads, hd = c.head_dim;
     int I = c.intermediate_size, V = c.vocab_size;
     int rows = B * T;
@@ -36,85 +97,69 @@ static void transformer_forward(const Config& c, const Weights& w, RunState& s, 
     int capacity = s.cache_capacity;
     size_t cache_layer_size = (size_t)B * capacity * kv_dim;  // floats per layer in each cache
     float *x = s.x.data(), *xb = s.xb.data(), *q = s.q.data(), *k = s.k.data(), *v = s.v.data();
-    float *heads = s.heads.data(), *proj = s.proj.data(), *gate = s.gate.data(), *up = s.up.data();
+    float *heads = s.heads.data(), *proj = s.proj.data(), *ffn = s.ffn.data();
+    float* gate = capture ? s.gate.data() : nullptr;  // the fused SwiGLU keeps gate and up
+    float* up = capture ? s.up.data() : nullptr;      // only when they are captured
 
     // token embedding: x = E[ids]
-    embedding_forward(x, ids, w.tok_embedding, rows, H);
+    op.embedding(x, ids, w.tok_embedding, rows, H);
     record(capture, -1, "embedding", {B, T, H}, x);
 
     for (int l = 0; l < c.num_layers; l++) {
         const LayerWeights& lw = w.layers[l];
-        float* key_cache = s.key_cache.data() + l * cache_layer_size;      // (B, capacity, KVH, hd)
-        float* value_cache = s.value_cache.data() + l * cache_layer_size;  // (B, capacity, KVH, hd)
+        float* key_cache = s.key_cache.data() + l * cache_layer_size;      // (B, KVH, capacity, hd)
+        float* value_cache = s.value_cache.data() + l * cache_layer_size;  // (B, KVH, capacity, hd)
 
-        // attention rmsnorm
-        rmsnorm_forward(xb, x, lw.rms_attn, rows, H, eps);
+        // residual (the previous layer's feed-forward output), then the attention rmsnorm
+        op.residual_rmsnorm(x, l > 0 ? proj : nullptr, lw.rms_attn, xb, rows, H, eps);
+        if (l > 0) record(capture, l - 1, "residual", {B, T, H}, x);
         record(capture, l, "attn_norm", {B, T, H}, xb);
 
         // q, k, v projections
-        matmul_forward(q, xb, lw.wq, rows, H, q_dim);
-        matmul_forward(k, xb, lw.wk, rows, H, kv_dim);
-        matmul_forward(v, xb, lw.wv, rows, H, kv_dim);
+        op.matmul(Op::q_proj, q, xb, lw.wq, rows, H, q_dim);
+        op.matmul(Op::k_proj, k, xb, lw.wk, rows, H, kv_dim);
+        op.matmul(Op::v_proj, v, xb, lw.wv, rows, H, kv_dim);
 
-        // RoPE on queries and keys
-        rope_forward(q, B, T, NH, hd, p0, w.rope_cos, w.rope_sin);
-        rope_forward(k, B, T, KVH, hd, p0, w.rope_cos, w.rope_sin);
+        // RoPE on queries and keys; keys and values appended to the cache at p0 .. p0+T-1
+        op.rope_append_kv(q, k, v, key_cache, value_cache, B, T, NH, KVH, hd, p0, capacity,
+                          w.rope_cos, w.rope_sin);
         record(capture, l, "q", {B, T, NH, hd}, q);
         record(capture, l, "k", {B, T, KVH, hd}, k);
         record(capture, l, "v", {B, T, KVH, hd}, v);
 
-        // append this call's keys and values to the cache at positions p0 .. p0+T-1
-        for (int b = 0; b < B; b++) {
-            size_t cache_row = (size_t)b * capacity + p0;
-            size_t new_row = (size_t)b * T;
-            std::memcpy(key_cache + cache_row * kv_dim, k + new_row * kv_dim, sizeof(float) * T * kv_dim);
-            std::memcpy(value_cache + cache_row * kv_dim, v + new_row * kv_dim, sizeof(float) * T * kv_dim);
-        }
-
         // attention of every query head over the cached and new keys
-        attention_forward(heads, q, key_cache, value_cache, mask, s.scores.data(), B, T, p0, NH,
-                          KVH, hd, capacity);
+        op.attention(heads, q, key_cache, value_cache, mask, B, T, p0, NH, KVH, hd, capacity);
         record(capture, l, "attn_heads", {B, T, NH, hd}, heads);
 
         // output projection of the concatenated heads
-        matmul_forward(proj, heads, lw.wo, rows, q_dim, H);
+        op.matmul(Op::o_proj, proj, heads, lw.wo, rows, q_dim, H);
         record(capture, l, "attn_out", {B, T, H}, proj);
 
-        // residual
-        residual_forward(x, proj, (int64_t)rows * H);
+        // residual, then the feed-forward rmsnorm
+        op.residual_rmsnorm(x, proj, lw.rms_ffn, xb, rows, H, eps);
         record(capture, l, "attn_residual", {B, T, H}, x);
-
-        // feed-forward rmsnorm
-        rmsnorm_forward(xb, x, lw.rms_ffn, rows, H, eps);
         record(capture, l, "ffn_norm", {B, T, H}, xb);
 
-        // gate and up projections
-        matmul_forward(gate, xb, lw.w_gate, rows, H, I);
-        matmul_forward(up, xb, lw.w_up, rows, H, I);
+        // gate and up projections with SwiGLU, then the down projection
+        op.matmul_swiglu(ffn, xb, lw.w_gate, lw.w_up, rows, H, I, gate, up);
         record(capture, l, "gate", {B, T, I}, gate);
         record(capture, l, "up", {B, T, I}, up);
-
-        // SwiGLU, then the down projection
-        swiglu_forward(gate, gate, up, (int64_t)rows * I);
-        matmul_forward(proj, gate, lw.w_down, rows, I, H);
+        op.matmul(Op::down_proj, proj, ffn, lw.w_down, rows, I, H);
         record(capture, l, "ffn_out", {B, T, H}, proj);
-
-        // residual
-        residual_forward(x, proj, (int64_t)rows * H);
-        record(capture, l, "residual", {B, T, H}, x);
     }
 
-    // final rmsnorm
-    rmsnorm_forward(xb, x, w.final_rms, rows, H, eps);
+    // residual (the last layer's feed-forward output), then the final rmsnorm
+    op.residual_rmsnorm(x, proj, w.final_rms, xb, rows, H, eps);
+    record(capture, c.num_layers - 1, "residual", {B, T, H}, x);
     record(capture, -1, "final_norm", {B, T, H}, xb);
 
     // classifier into logits (tied: lm_head is the token embedding)
-    matmul_forward(s.logits.data(), xb, w.lm_head, rows, H, V);
+    op.matmul(Op::head, s.logits.data(), xb, w.lm_head, rows, H, V);
     record(capture, -1, "logits", {B, T, V}, s.logits.data());
 }
 
-Transformer::Transformer(const Config& config, const Weights& weights)
-    : config_(config), weights_(weights) {}
+Transformer::Transformer(const Config& config, const Weights& weights, const KernelOps& kernel)
+    : config_(config), weights_(weights), kernel_(kernel) {}
 
 // Every check happens before anything changes, so a rejected call leaves the cache intact.
 void Transformer::check_input(const StepInput& in, int p0) const {
@@ -175,6 +220,7 @@ void Transformer::reserve_rows(int rows) {
     s.v.assign(n * c.num_kv_heads * c.head_dim, 0.0f);
     s.heads.assign(n * c.num_heads * c.head_dim, 0.0f);
     s.proj.assign(n * c.hidden_size, 0.0f);
+    s.ffn.assign(n * c.intermediate_size, 0.0f);
     s.gate.assign(n * c.intermediate_size, 0.0f);
     s.up.assign(n * c.intermediate_size, 0.0f);
     s.logits.assign(n * c.vocab_size, 0.0f);
@@ -193,18 +239,17 @@ void Transformer::reserve_cache(int B, int n_positions) {
     }
     if (n_positions <= s.cache_capacity) return;
     int capacity = std::min(c.max_position_embeddings, std::max(n_positions, 2 * s.cache_capacity));
-    size_t kv_dim = (size_t)c.num_kv_heads * c.head_dim;
-    size_t sequences = (size_t)c.num_layers * B;  // (layer, sequence) slabs of each cache
-    std::vector<float> keys(sequences * capacity * kv_dim), values(sequences * capacity * kv_dim);
-    for (size_t i = 0; i < sequences && cache_len_ > 0; i++) {
-        size_t old_slab = i * s.cache_capacity * kv_dim, new_slab = i * capacity * kv_dim;
-        size_t bytes = sizeof(float) * cache_len_ * kv_dim;
+    size_t hd = c.head_dim;
+    size_t slabs = (size_t)c.num_layers * B * c.num_kv_heads;  // (layer, sequence, kv head) slabs
+    std::vector<float> keys(slabs * capacity * hd), values(slabs * capacity * hd);
+    for (size_t i = 0; i < slabs && cache_len_ > 0; i++) {
+        size_t old_slab = i * s.cache_capacity * hd, new_slab = i * capacity * hd;
+        size_t bytes = sizeof(float) * cache_len_ * hd;
         std::memcpy(keys.data() + new_slab, s.key_cache.data() + old_slab, bytes);
         std::memcpy(values.data() + new_slab, s.value_cache.data() + old_slab, bytes);
     }
     s.key_cache = std::move(keys);
     s.value_cache = std::move(values);
-    s.scores.assign((size_t)B * c.num_heads * capacity, 0.0f);
     s.cache_capacity = capacity;
 }
 
@@ -214,7 +259,8 @@ const float* Transformer::step(const StepInput& in, Intermediates* capture) {
     reserve_rows(B * T);
     reserve_cache(B, cache_len_ + T);
     if (capture) capture->clear();
-    transformer_forward(config_, weights_, state_, in.ids, in.mask, B, T, cache_len_, capture);
+    OpRunner op(kernel_, profile_);
+    transformer_forward(config_, weights_, state_, op, in.ids, in.mask, B, T, cache_len_, capture);
     cache_len_ += T;
     return state_.logits.data();
 }

@@ -1,8 +1,9 @@
-// The Llama/MiniMind2 decoder in plain C++ (semantics: shared/model-spec.md).
+// The Llama/MiniMind2 decoder in plain C++ (semantics: docs/model.md).
 //
 // Three structs make the architecture visible: Config (hyperparameters), Weights
 // (borrowed pointers to the tensors, each with its shape), RunState (activation
-// buffers and the KV cache). Transformer ties them together: step() appends T
+// buffers and the KV cache). Transformer ties them together with a kernel, the table of
+// ops it computes with (kernels.h: "fast" by default, or "clear"): step() appends T
 // tokens per sequence to the KV cache and returns their logits, so prefill and
 // decode are the same code path; forward() is reset_cache() + step().
 //
@@ -16,6 +17,8 @@
 #include <vector>
 
 #include "errors.h"
+#include "kernels.h"
+#include "profile.h"
 
 namespace xvalid {
 
@@ -67,15 +70,17 @@ struct RunState {
     std::vector<float> v;       // (rows, KVH*hd) this call's values
     std::vector<float> heads;   // (rows, NH*hd) per-head attention outputs, head-major
     std::vector<float> proj;    // (rows, H) sublayer output (attn_out, then ffn_out) before the residual add
-    std::vector<float> gate;    // (rows, I) m Wgate^T, then silu(gate) * up in place
-    std::vector<float> up;      // (rows, I) m Wup^T
+    std::vector<float> ffn;     // (rows, I) silu(m Wgate^T) * (m Wup^T), the down projection's input
+    std::vector<float> gate;    // (rows, I) m Wgate^T, kept only when capturing
+    std::vector<float> up;      // (rows, I) m Wup^T, kept only when capturing
     std::vector<float> logits;  // (rows, V)
     // KV cache: keys after RoPE, for positions 0 .. cache_len-1 of every sequence.
     int cache_batch = 0;        // B the cache is laid out for
     int cache_capacity = 0;     // positions per sequence; at most max_position_embeddings
-    std::vector<float> key_cache;    // (L, B, capacity, KVH, hd)
-    std::vector<float> value_cache;  // (L, B, capacity, KVH, hd)
-    std::vector<float> scores;       // (B*NH, capacity) attention scratch, one row per (sequence, head)
+    // Each (layer, sequence, kv head) owns `capacity` contiguous rows of hd floats, so the
+    // query heads that share a kv head read its keys and values as one contiguous block.
+    std::vector<float> key_cache;    // (L, B, KVH, capacity, hd)
+    std::vector<float> value_cache;  // (L, B, KVH, capacity, hd)
 };
 
 // One call's tokens. Ids and mask are int64, like torch's LongTensor, so callers convert
@@ -102,10 +107,11 @@ using Intermediates = std::vector<Intermediate>;  // in forward order
 class Transformer {
 public:
     // Borrows the weights: they must outlive the Transformer. The config must be valid
-    // (the loader checks it).
-    Transformer(const Config& config, const Weights& weights);
+    // (the loader checks it). `kernel`: find_kernel("fast"), find_kernel("clear"), ...
+    Transformer(const Config& config, const Weights& weights, const KernelOps& kernel = fast_kernel);
 
     const Config& config() const { return config_; }
+    const KernelOps& kernel() const { return kernel_; }
     int cache_len() const { return cache_len_; }  // p0: positions already in the KV cache
     void reset_cache() { cache_len_ = 0; }
 
@@ -119,6 +125,11 @@ public:
     // The whole sequence from an empty cache: reset_cache() + step().
     const float* forward(const StepInput& in, Intermediates* capture = nullptr);
 
+    // Per-op timers (profile.h): off by default and free when off.
+    void set_profiling(bool on) { profile_.enabled = on; }
+    const Profile& profile() const { return profile_; }
+    void reset_profile() { profile_.reset(); }
+
 private:
     void check_input(const StepInput& in, int p0) const;
     void reserve_rows(int rows);
@@ -126,7 +137,9 @@ private:
 
     Config config_;
     Weights weights_;
+    const KernelOps& kernel_;
     RunState state_;
+    Profile profile_;
     int cache_len_ = 0;
 };
 

@@ -17,6 +17,7 @@ namespace fs = std::filesystem;
 
 static const char* const kUsage =
     "usage: xvalid-run MODEL OUT_DIR [--intermediates] [--threads N] [--repeat N]\n"
+    "                  [--kernel fast|clear] [--profile]\n"
     "\n"
     "Runs the C++ kernel's forward pass on the model file's inputs and writes\n"
     "OUT_DIR/logits.npy, float32 (B, S, V); OUT_DIR is created if needed.\n"
@@ -25,6 +26,8 @@ static const char* const kUsage =
     "                   intermediate (docs/intermediates.md); captured in the first run\n"
     "  --threads N      OpenMP threads (default: OMP_NUM_THREADS, else all cores)\n"
     "  --repeat N       run the forward pass N times, report the median time (default 1)\n"
+    "  --kernel NAME    fast (default: packed SIMD matmul, fused ops) or clear (naive)\n"
+    "  --profile        print a per-op time table (calls, ms, share, GFLOP/s, GB/s)\n"
     "  -h, --help       show this help\n"
     "\n"
     "Prints one summary line. Exit status: 0 ok, 2 bad usage or bad input (model file,\n"
@@ -41,6 +44,8 @@ struct Options {
     bool intermediates = false;
     int threads = 0;  // 0 = the kernel's default
     int repeat = 1;
+    std::string kernel = xvalid::default_kernel_name();
+    bool profile = false;
 };
 
 static int parse_count(const std::string& option, const char* text) {
@@ -70,6 +75,11 @@ static bool parse_args(int argc, char** argv, Options& opt) {
             opt.threads = parse_count(arg, argv[++i]);
         } else if (arg == "--repeat") {
             opt.repeat = parse_count(arg, argv[++i]);
+        } else if (arg == "--kernel") {
+            if (i + 1 >= argc) throw UsageError("--kernel needs a value");
+            opt.kernel = argv[++i];
+        } else if (arg == "--profile") {
+            opt.profile = true;
         } else if (arg.size() > 1 && arg[0] == '-') {
             throw UsageError("unknown option " + arg);
         } else {
@@ -92,7 +102,23 @@ static double median(std::vector<double> values) {
     return n % 2 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
 }
 
+// The per-op table of --profile, over every timed forward.
+static void print_profile(const xvalid::Profile& profile) {
+    double total = 0;
+    for (const xvalid::OpStats& s : profile.ops) total += s.seconds;
+    std::printf("%-16s %7s %10s %6s %9s %8s\n", "op", "calls", "ms", "share", "GFLOP/s", "GB/s");
+    for (int i = 0; i < (int)xvalid::Op::count; i++) {
+        const xvalid::OpStats& s = profile.ops[i];
+        if (s.calls == 0) continue;
+        std::printf("%-16s %7lld %10.3f %5.1f%% %9.2f %8.2f\n", xvalid::op_name((xvalid::Op)i),
+                    (long long)s.calls, s.seconds * 1e3, total > 0 ? 100 * s.seconds / total : 0.0,
+                    s.seconds > 0 ? s.flops / s.seconds * 1e-9 : 0.0, s.seconds > 0 ? s.bytes / s.seconds * 1e-9 : 0.0);
+    }
+    std::printf("%-16s %7s %10.3f\n", "total", "", total * 1e3);
+}
+
 static int run(const Options& opt) {
+    const xvalid::KernelOps& kernel = xvalid::find_kernel(opt.kernel);  // bad name: exit 2 before loading
     if (opt.threads > 0) xvalid::set_num_threads(opt.threads);
 
     auto start = std::chrono::steady_clock::now();
@@ -112,7 +138,8 @@ static int run(const Options& opt) {
     in.mask_rows = inputs.B;
     in.mask_cols = inputs.S;
 
-    xvalid::Transformer transformer(file.config, file.weights);
+    xvalid::Transformer transformer(file.config, file.weights, kernel);
+    transformer.set_profiling(opt.profile);
     xvalid::Intermediates captured;
     std::vector<double> forward_ms;
     const float* logits = nullptr;
@@ -133,10 +160,11 @@ static int run(const Options& opt) {
         }
     }
 
-    std::printf("xvalid-run: B=%lld S=%lld V=%lld load %.1f ms, forward %.2f ms (median of %d), threads %d, wrote %s%s\n",
-                (long long)in.B, (long long)in.T, (long long)V, load_ms, median(forward_ms), opt.repeat,
+    std::printf("xvalid-run: kernel %s, B=%lld S=%lld V=%lld load %.1f ms, forward %.2f ms (median of %d), threads %d, wrote %s%s\n",
+                kernel.name, (long long)in.B, (long long)in.T, (long long)V, load_ms, median(forward_ms), opt.repeat,
                 xvalid::get_num_threads(), (out_dir / "logits.npy").string().c_str(),
                 opt.intermediates ? (" + " + std::to_string(captured.size()) + " intermediates").c_str() : "");
+    if (opt.profile) print_profile(transformer.profile());
     return 0;
 }
 

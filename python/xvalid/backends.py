@@ -1,40 +1,59 @@
-"""Backends that run a model file in-process: the PyTorch reference and the C++ kernel.
+"""Backends: everything that runs a model file in-process, and the one registry of them.
 
-Every backend is a Backend, so compare/run treat them alike:
-  forward(ids, mask, capture) -> (logits (B,S,V) float32|float64 numpy, intermediates or None)
-  reset_cache(), step(ids, mask) -> logits: the KV cache, one call at a time
-  decode(ids, mask, n_prefill) -> logits (B, S-n_prefill, V): prefill, then one token a step
-  set_threads(n)
+compare, run, the CLI's choices and the bench read REGISTRY; a new backend (transformers, a
+CUDA kernel, a reduced-precision variant) is one Backend subclass and one register() call.
+
+    name        what it is
+    torch       the PyTorch reference (float32; float64 measures its rounding noise)
+    cpp         the fast C++ kernel (packed AVX2/FMA matmul, fused ops): csrc/kernel/fast/
+    cpp-clear   the clear C++ kernel (naive, double-accumulated): csrc/kernel/ops.cpp
+
+Every backend provides (Backend):
+    forward(ids, mask, capture) -> (logits (B,S,V) numpy, {name: array} or None)
+    reset_cache(); step(ids, mask) -> logits (B,T,V): the KV cache, one call at a time
+    decode(ids, mask, n_prefill) -> logits (B, S-n_prefill, V), built from the two above
+    set_threads(n)
+    profile(ids, mask, repeat) -> per-op times, or None where the backend has no op timers
+    info() -> how it was built (versions, instruction set), for reports
 External engines (separate processes) live in engines.py.
 """
 
 from __future__ import annotations
 
+import abc
 import os
 import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .errors import BuildError, InputError, ModelFileError, XValidError
 from .modelfile import ModelFile
 
-BUILTIN_BACKENDS = ("torch", "cpp")
 
-
-class Backend:
-    """What compare and run need of an in-process backend. Subclasses provide forward,
-    set_threads, and the two KV-cache calls that decode is built from."""
+class Backend(abc.ABC):
+    """What compare, run and bench need of an in-process backend."""
 
     name: str
 
-    def reset_cache(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, ids, mask, capture: bool = False):
+        """Logits (B,S,V) from an empty cache, and the named intermediates when capture."""
 
+    @abc.abstractmethod
+    def reset_cache(self) -> None:
+        """Empty the KV cache."""
+
+    @abc.abstractmethod
     def step(self, ids, mask) -> np.ndarray:
         """Append ids (B,T) to the cache; mask (B, cached + T). Returns logits (B,T,V)."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def set_threads(self, n: int) -> None:
+        """Threads for the following calls."""
 
     def decode(self, ids, mask, n_prefill: int) -> np.ndarray:
         """Prefill n_prefill tokens, then one token a step: logits (B, S - n_prefill, V)."""
@@ -43,9 +62,56 @@ class Backend:
         return np.concatenate([self.step(ids[:, t:t + 1], mask[:, :t + 1])
                                for t in range(n_prefill, ids.shape[1])], axis=1)
 
+    def profile(self, ids, mask, repeat: int = 1) -> list[dict] | None:
+        """Per-op totals over `repeat` forwards: [{op, calls, seconds, flops, bytes}], or
+        None when this backend has no op timers."""
+        return None
+
+    def info(self) -> dict:
+        """How this backend was built, for reports."""
+        return {}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    summary: str
+    create: Callable[[Path, ModelFile], Backend]  # (model file path, the parsed file)
+    uses_core: bool = False   # needs the compiled module: start importing it early
+    reference: bool = False   # the float32 reference itself (compare reuses its run)
+
+
+REGISTRY: dict[str, BackendSpec] = {}
+
+
+def register(spec: BackendSpec) -> BackendSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"backend {spec.name!r} registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def get_spec(name: str) -> BackendSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise InputError(f"unknown backend {name!r} (choose from {', '.join(REGISTRY)})") from None
+
+
+def create_backend(name: str, path: str | os.PathLike, mf: ModelFile) -> Backend:
+    return get_spec(name).create(Path(path), mf)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch: the reference
+
 
 class TorchBackend(Backend):
-    """The reference: model-spec.md in PyTorch eager, float32 or float64."""
+    """The reference in PyTorch eager (docs/model.md), float32 or float64."""
 
     def __init__(self, mf: ModelFile, dtype: str = "float32"):
         from .reference import Reference
@@ -66,6 +132,14 @@ class TorchBackend(Backend):
 
     def step(self, ids, mask) -> np.ndarray:
         return self.model.forward(ids, mask, cache=self.cache).numpy()
+
+    def info(self) -> dict:
+        import torch
+        return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp: the C++ kernels through the compiled module
 
 
 _core_import: Future | None = None
@@ -100,14 +174,13 @@ def load_core():
 
 
 class CppBackend(Backend):
-    """The C++ kernel through pybind11; it parses the model file itself."""
+    """A C++ kernel through pybind11 ('fast' or 'clear'); it parses the model file itself."""
 
-    name = "cpp"
-
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, kernel: str = "fast", name: str = "cpp"):
+        self.name = name
         self.core = load_core()
         try:
-            self.model = self.core.Model(str(Path(path)))
+            self.model = self.core.Model(str(Path(path)), kernel)
         except self.core.ModelFileError as exc:
             raise ModelFileError(str(exc)) from None
 
@@ -129,3 +202,27 @@ class CppBackend(Backend):
 
     def step(self, ids, mask) -> np.ndarray:
         return self._call(self.model.step, ids, mask)
+
+    def profile(self, ids, mask, repeat: int = 1) -> list[dict]:
+        self.model.reset_profile()
+        self.model.set_profiling(True)
+        try:
+            for _ in range(repeat):
+                self._call(self.model.forward, ids, mask)
+            return self.model.profile()
+        finally:
+            self.model.set_profiling(False)
+
+    def info(self) -> dict:
+        return {"kernel": self.model.kernel, **self.core.build_info()}
+
+
+register(BackendSpec("torch", "PyTorch eager, float32: the reference",
+                     lambda path, mf: TorchBackend(mf, "float32"), reference=True))
+register(BackendSpec("cpp", "the fast C++ kernel (packed AVX2/FMA matmul, fused ops)",
+                     lambda path, mf: CppBackend(path, "fast", "cpp"), uses_core=True))
+register(BackendSpec("cpp-clear", "the clear C++ kernel (naive, double-accumulated)",
+                     lambda path, mf: CppBackend(path, "clear", "cpp-clear"), uses_core=True))
+
+BUILTIN_BACKENDS = backend_names()
+DEFAULT_BACKENDS = ("torch", "cpp")

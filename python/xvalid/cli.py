@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .backends import BUILTIN_BACKENDS
+from .backends import DEFAULT_BACKENDS, REGISTRY, backend_names
 from .config import PRESETS, ModelConfig
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, XValidError
 
@@ -98,7 +98,8 @@ def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_p
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(BUILTIN_BACKENDS), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(backend_names()), default="torch", show_default=True,
+              help="; ".join(f"{s.name}: {s.summary}" for s in REGISTRY.values()))
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True, help="Reference precision (torch backend only).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
@@ -108,14 +109,14 @@ def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_p
 @click.option("--threads", type=click.IntRange(min=1), help="Thread count [torch's default]")
 def run(model, backend, dtype, output, intermediates, threads):
     """Run MODEL's inputs through one backend and write the logits."""
-    from .backends import CppBackend, TorchBackend
+    from .backends import TorchBackend, create_backend
     from .files import save_arrays, save_npy
     from .modelfile import read_model
 
-    if backend == "cpp" and dtype != "float32":
+    if backend != "torch" and dtype != "float32":
         raise click.UsageError("--dtype float64 is for the torch backend only")
     mf = read_model(model)
-    runner = TorchBackend(mf, dtype) if backend == "torch" else CppBackend(model)
+    runner = TorchBackend(mf, dtype) if backend == "torch" else create_backend(backend, model, mf)
     if threads:
         runner.set_threads(threads)
     start = time.perf_counter()
@@ -163,17 +164,19 @@ def _plot_path(ctx, param, value: Path | None) -> Path | None:
 
 def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in value.split(",") if n.strip())
-    unknown = [n for n in names if n not in BUILTIN_BACKENDS]
+    unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise click.BadParameter(f"unknown backend {unknown[0]!r} "
-                                 f"(choose from {', '.join(BUILTIN_BACKENDS)})")
+                                 f"(choose from {', '.join(backend_names())})")
     return names
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--backends", default="torch,cpp", show_default=True, callback=_backend_list,
-              help="Built-in candidates, comma separated ('' for engines only).")
+@click.option("--backends", default=",".join(DEFAULT_BACKENDS), show_default=True,
+              callback=_backend_list,
+              help=f"Built-in candidates, comma separated, from: {', '.join(backend_names())} "
+                   f"('' for engines only).")
 @click.option("--engine", "engines", multiple=True, metavar="'CMD {model} {out}'",
               help="External engine command (repeatable); see docs/engines.md.")
 @click.option("--engine-output", metavar="NAME", help="The engine's logits file name in {out}.")
@@ -201,7 +204,7 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
 def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, rtol, decode,
             threads, warmup, repeat, intermediates, plot, json_path, save_logits, quiet):
     """Compare MODEL's candidates with the PyTorch reference; exit 0 pass, 1 mismatch."""
-    if "cpp" in backends:
+    if any(REGISTRY[name].uses_core for name in backends):
         from .backends import start_loading_core
         start_loading_core()  # a pending C++ rebuild overlaps the import of torch
     from .compare import CompareOptions, run_compare
@@ -241,7 +244,7 @@ def _compare_argv(ctx: click.Context) -> list[str]:
     """The flags that change the verdict, for the reproduce line."""
     p = ctx.params
     argv = []
-    if p["backends"] != ("torch", "cpp"):
+    if p["backends"] != DEFAULT_BACKENDS:
         argv += ["--backends", ",".join(p["backends"])]
     for engine in p["engines"]:
         argv += ["--engine", engine]

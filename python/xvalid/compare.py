@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backends import CppBackend, TorchBackend, load_core
+from .backends import Backend, BackendSpec, TorchBackend, get_spec, load_core
 from .engines import ExternalEngine, read_intermediates, read_logits_file
 from .errors import EXIT_ENGINE, EXIT_FAIL, EXIT_PASS, EngineError, InputError
 from .metrics import POLICIES, logit_metrics, tensor_error, within
@@ -113,12 +113,13 @@ def decode_drift(backend, mf: ModelFile, reference_logits: np.ndarray, steps: in
     return {"prefill": S - steps, "steps": rows, "pass": all(r["pass"] for r in rows)}
 
 
-def _versions(cpp_info: dict | None) -> dict:
+def _versions(backend_info: dict[str, dict]) -> dict:
+    """Versions of everything that ran; `backends` has each built-in candidate's info()."""
     import torch
     out = {"xvalid": __version__, "python": platform.python_version(), "numpy": np.__version__,
            "torch": torch.__version__, "machine": platform.machine(), "platform": platform.platform()}
-    if cpp_info:
-        out["cpp"] = cpp_info
+    if backend_info:
+        out["backends"] = backend_info
     return out
 
 
@@ -132,15 +133,17 @@ def repro_command(mf: ModelFile, model: Path, opts: CompareOptions) -> str:
     return compare
 
 
-def run_cpp(model: Path, mf: ModelFile, threads: int, capture: bool) -> tuple[Candidate, CppBackend]:
-    """Load the C++ kernel (timed apart from the forward) and run the file's inputs."""
-    load_core()  # import (and in an editable install, rebuild) before the clock starts
+def run_backend(spec: BackendSpec, model: Path, mf: ModelFile, threads: int,
+                capture: bool) -> tuple[Candidate, Backend]:
+    """Load a registered backend (timed apart from the forward) and run the file's inputs."""
+    if spec.uses_core:
+        load_core()  # import (and in an editable install, rebuild) before the clock starts
     start = time.perf_counter()
-    backend = CppBackend(model)
+    backend = spec.create(model, mf)
     load_ms = (time.perf_counter() - start) * 1e3
     backend.set_threads(threads)
     logits, inter = backend.forward(mf.input_ids, mf.attention_mask, capture=capture)
-    cand = Candidate("cpp", "backend", logits, inter)
+    cand = Candidate(spec.name, "backend", logits, inter)
     cand.report["load_ms"] = load_ms
     return cand, backend
 
@@ -206,17 +209,16 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
     names = intermediate_names(mf.config.num_hidden_layers)
 
     candidates: list[Candidate] = []
-    backends: dict[str, object] = {}
-    cpp_info = None
+    backends: dict[str, Backend] = {}
     for name in opts.backends:
-        if name == "torch":
-            cand = Candidate("torch", "reference", logits32, inter32)
+        spec = get_spec(name)
+        if spec.reference:
+            cand = Candidate(name, "reference", logits32, inter32)
             cand.report["load_ms"] = torch_load_s * 1e3
             backends[name] = ref32
-        else:  # cpp
-            progress("running the C++ kernel")
-            cand, backends[name] = run_cpp(model, mf, threads, opts.intermediates)
-            cpp_info = dict(backends[name].core.build_info())
+        else:
+            progress(f"running {name}")
+            cand, backends[name] = run_backend(spec, model, mf, threads, opts.intermediates)
         candidates.append(cand)
     for engine in engines:
         progress(f"running {engine.name}")
@@ -268,7 +270,7 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
                   "seed": mf.meta["seed"] if isinstance(mf.meta.get("seed"), int) else None,
                   "batch_size": mf.batch_size, "seq_len": mf.seq_len,
                   "unpadded_rows": int(keep.sum()), "padded_rows": int((~keep).sum())},
-        "versions": _versions(cpp_info),
+        "versions": _versions({name: b.info() for name, b in backends.items()}),
         "threads": threads,
         "tolerance": {"dtype": policy.dtype, "atol": atol, "rtol": rtol,
                       "atol_source": "--atol" if opts.atol is not None else
