@@ -129,8 +129,9 @@ static void test_rope_and_attention(const KernelOps& k, int threads) {
         auto q_k = q, k_k = kk, kc_k = kc, vc_k = vc;
         k.rope_append_kv(q_k.data(), k_k.data(), v.data(), kc_k.data(), vc_k.data(), c.B, c.T, c.NH, c.KVH,
                          c.hd, c.p0, capacity, cos_t.data(), sin_t.data());
-        expect_equal("rope q " + where, q_k.data(), q_clear.data(), q.size());
-        expect_equal("rope k cache " + where, kc_k.data(), kc_clear.data(), cache_size);
+        // (a compiler may fuse the rotation's multiply-adds: equal to float32 rounding, not bitwise)
+        expect_close("rope q " + where, q_k.data(), q_clear.data(), q.size(), 1e-6);
+        expect_close("rope k cache " + where, kc_k.data(), kc_clear.data(), cache_size, 1e-6);
         expect_equal("v cache " + where, vc_k.data(), vc_clear.data(), cache_size);
 
         std::vector<float> want(q.size()), got(q.size(), NAN);
@@ -252,14 +253,16 @@ int main() {
     std::printf("; fast kernel ISA %s\n", fast_kernel_isa());
     for (const std::string& name : names) {
         const KernelOps& k = find_kernel(name);
-        test_residual_rmsnorm(k);
-        for (int threads : {1, 2, 3}) {
-            set_num_threads(threads);
-            test_rope_and_attention(k, threads);
-            test_matmul(k, threads);
+        if (&k != &clear_kernel) {  // each op against the clear one
+            test_residual_rmsnorm(k);
+            for (int threads : {1, 2, 3}) {
+                set_num_threads(threads);
+                test_rope_and_attention(k, threads);
+                test_matmul(k, threads);
+            }
         }
         set_num_threads(2);
-        test_transformer(k);
+        test_transformer(k);  // every kernel: decode against one forward; clear against itself
     }
     bool unknown_refused = false;
     try {
