@@ -69,9 +69,10 @@ def model_path(tiny_model) -> Path:
     return tiny_model
 
 
-@pytest.fixture
-def model(model_path):
-    return _core.Model(model_path)
+@pytest.fixture(params=_core.kernels())
+def model(model_path, request):
+    """The tiny model on each kernel: every forward and capture test runs on fast and clear."""
+    return _core.Model(model_path, request.param)
 
 
 # ---- loading: every bad file is a ModelFileError naming the key ----------------------
@@ -177,7 +178,7 @@ def test_optional_keys_and_extra_keys(model_path, model, tmp_path):
     doc["future_section"] = {"anything": [1, 2, 3]}
     doc["weights"]["layers"][0]["unused_tensor"] = {"dtype": "float64"}
     inputs = doc.pop("inputs")
-    m = _core.Model(write_doc(doc, tmp_path / "minimal.json"))
+    m = _core.Model(write_doc(doc, tmp_path / "minimal.json"), model.kernel)
     cfg = m.config
     assert cfg["max_position_embeddings"] == len(tensor_array(doc["rope"]["cos"]))
     assert cfg["rms_norm_eps"] == 1e-5 and cfg["rope_theta"] == 1e6
@@ -215,8 +216,50 @@ def test_config_and_inputs(model, model_path):
 
 def test_build_info():
     info = _core.build_info()
-    assert set(info) == {"compiler", "build_type", "openmp"}
+    assert set(info) == {"compiler", "build_type", "openmp", "fast_kernel_isa"}
     assert isinstance(info["openmp"], bool) and info["compiler"]
+    assert info["fast_kernel_isa"] in ("avx2+fma", "portable")
+
+
+def test_kernels_are_listed_and_chosen_by_name(model_path):
+    assert _core.kernels() == ["fast", "clear"]  # the first is the default
+    assert _core.Model(model_path).kernel == "fast"
+    fast, clear = _core.Model(model_path, "fast"), _core.Model(model_path, kernel="clear")
+    assert "kernel=clear" in repr(clear)
+    ids, mask = fast.input_ids, fast.attention_mask
+    keep = mask.astype(bool)
+    diff = np.abs(fast.forward(ids, mask) - clear.forward(ids, mask))[keep]
+    assert 0 < diff.max() < 1e-5  # the same model to float32 rounding, by different code
+
+
+def test_unknown_kernel_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown kernel 'turbo' \(choose from fast, clear\)"):
+        _core.Model(tmp_path / "missing.json", "turbo")
+
+
+def test_profile_counts_every_op_and_costs_nothing_when_off(model):
+    ids, mask = model.input_ids, model.attention_mask
+    cfg = model.config
+    B, S = ids.shape
+    L, H, hd, NH = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"]
+    model.forward(ids, mask)
+    assert model.profile() == []  # off by default: nothing is timed
+    model.set_profiling(True)
+    model.forward(ids, mask)
+    model.forward(ids, mask)
+    rows = {row["op"]: row for row in model.profile()}
+    assert list(rows) == ["embedding", "rmsnorm", "q_proj", "k_proj", "v_proj", "rope", "attention",
+                          "o_proj", "gate_up_swiglu", "down_proj", "head"]  # forward order
+    assert rows["q_proj"]["calls"] == 2 * L and rows["head"]["calls"] == 2
+    assert rows["rmsnorm"]["calls"] == 2 * (2 * L + 1)
+    assert rows["q_proj"]["flops"] == 2 * (2 * B * S * H * NH * hd) * L
+    assert rows["head"]["flops"] == 2 * (2 * B * S * H * cfg["vocab_size"])
+    assert all(row["seconds"] > 0 and row["bytes"] > 0 for row in rows.values())
+    model.set_profiling(False)
+    model.forward(ids, mask)
+    assert {r["op"]: r["calls"] for r in model.profile()}["head"] == 2  # off again: not counted
+    model.reset_profile()
+    assert model.profile() == []
 
 
 def test_threads(model):
@@ -390,7 +433,8 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
 @needs_runner
 def test_runner_writes_logits_and_intermediates(model, model_path, tmp_path):
     out = tmp_path / "out" / "nested"
-    proc = run(model_path, out, "--intermediates", "--threads", "1", "--repeat", "2")
+    proc = run(model_path, out, "--intermediates", "--threads", "1", "--repeat", "2",
+               "--kernel", model.kernel)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("\n") == 1 and "median of 2" in proc.stdout and "threads 1" in proc.stdout
     logits, captured = model.forward(model.input_ids, model.attention_mask, capture=True)
@@ -401,6 +445,22 @@ def test_runner_writes_logits_and_intermediates(model, model_path, tmp_path):
         assert written[name].dtype == np.float32 and written[name].shape == array.shape, name
         np.testing.assert_allclose(written[name], array, rtol=1e-6, atol=1e-7, err_msg=name)
     assert not list(out.rglob("*.tmp-*")), "temporary files left behind"
+
+
+@needs_runner
+@pytest.mark.parametrize("kernel", ["fast", "clear"])
+def test_runner_kernel_and_profile(model_path, tmp_path, kernel):
+    proc = run(model_path, tmp_path / "out", "--kernel", kernel, "--profile", "--repeat", "3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert f"kernel {kernel}," in lines[0]
+    table = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert lines[1].split() == ["op", "calls", "ms", "share", "GFLOP/s", "GB/s"]
+    assert table["q_proj"][0] == "6" and table["head"][0] == "3"  # 2 layers x 3 forwards
+    assert "attention" in table and "total" in table
+    clear = _core.Model(model_path, kernel)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "logits.npy"),
+                               clear.forward(clear.input_ids, clear.attention_mask), rtol=1e-6, atol=1e-7)
 
 
 @needs_runner
@@ -415,6 +475,8 @@ def test_runner_help():
     (("{model}", "{out}", "--frobnicate"), "unknown option --frobnicate"),
     (("{model}", "{out}", "--threads", "0"), "--threads needs a positive integer"),
     (("{model}", "{out}", "--repeat"), "--repeat needs a value"),
+    (("{model}", "{out}", "--kernel", "turbo"), "unknown kernel 'turbo'"),
+    (("{model}", "{out}", "--kernel"), "--kernel needs a value"),
     (("{tmp}/missing.json", "{out}"), "cannot open"),
     (("{tmp}/bad.json", "{out}"), "not valid JSON"),
     (("{tmp}/no_inputs.json", "{out}"), "inputs: missing"),

@@ -1,6 +1,6 @@
-"""The C++ kernel against the PyTorch reference over many shapes: GQA ratios, padding, odd
-sizes, prefill + decode. The tolerance is compare's own policy (derived from the reference's
-float32-vs-float64 noise), so these tests hold the kernel to what users are told."""
+"""Both C++ kernels (fast and clear) against the PyTorch reference over many shapes: GQA ratios,
+padding, odd sizes, prefill + decode. The tolerance is compare's own policy (derived from the
+reference's float32-vs-float64 noise), so these tests hold each kernel to what users are told."""
 
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ def check_against_reference(mf, path, decode_steps: int = 0) -> None:
     ref32 = Reference(mf, "float32").forward(mf.input_ids, mf.attention_mask).numpy()
     ref64 = Reference(mf, "float64").forward(mf.input_ids, mf.attention_mask).numpy()
     atol = POLICIES["float32"].atol(np.abs(ref32 - ref64)[keep].max(), np.abs(ref32[keep]).max())
-    model = core.Model(str(path))
+    for kernel in core.kernels():
+        check_kernel(core.Model(str(path), kernel), mf, ref32, keep, atol, decode_steps)
+
+
+def check_kernel(model, mf, ref32, keep, atol, decode_steps) -> None:
     ours = model.forward(mf.input_ids, mf.attention_mask)
     assert ours.shape == ref32.shape and ours.dtype == np.float32
     err = np.abs(ours - ref32)[keep].max()
-    assert err <= atol, f"max abs {err:.3g} > atol {atol:.3g} for {mf.config}"
+    assert err <= atol, f"{model.kernel}: max abs {err:.3g} > atol {atol:.3g} for {mf.config}"
     if decode_steps:
         S, n = mf.seq_len, decode_steps
         model.reset_cache()
@@ -39,7 +43,7 @@ def check_against_reference(mf, path, decode_steps: int = 0) -> None:
             step = model.step(mf.input_ids[:, t:t + 1], mf.attention_mask[:, :t + 1])
             rows = keep[:, t]
             if rows.any():
-                assert np.abs(step[rows, 0] - ref32[rows, t]).max() <= atol
+                assert np.abs(step[rows, 0] - ref32[rows, t]).max() <= atol, (model.kernel, t)
         assert model.cache_len == S
 
 
@@ -86,25 +90,30 @@ def test_cpp_matches_torch_on_the_acceptance_grid(tmp_path, hidden, heads, kvh, 
 def test_compare_passes_torch_and_cpp_with_decode(cli, tmp_path, flags):
     model, report = tmp_path / "m.json", tmp_path / "r.json"
     assert cli("generate", *flags, "-o", model).code == 0
-    result = cli("compare", model, "--decode", 4, "--repeat", 2, "--json", report)
+    result = cli("compare", model, "--backends", "torch,cpp,cpp-clear", "--decode", 4,
+                 "--repeat", 2, "--json", report)
     assert result.code == 0, result.out + result.err
     data = json.loads(report.read_text())
-    cpp = next(c for c in data["candidates"] if c["name"] == "cpp")
-    assert cpp["status"] == "pass" and cpp["decode"]["pass"]
-    assert cpp["divergence"]["first"] is None and len(cpp["divergence"]["points"]) > 20
-    assert cpp["timing"]["ratio_to_torch"] > 0 and data["versions"]["cpp"]
+    for name in ("cpp", "cpp-clear"):
+        cpp = next(c for c in data["candidates"] if c["name"] == name)
+        assert cpp["status"] == "pass" and cpp["decode"]["pass"]
+        assert cpp["divergence"]["first"] is None and len(cpp["divergence"]["points"]) > 20
+        assert cpp["timing"]["ratio_to_torch"] > 0
+    backends = data["versions"]["backends"]
+    assert backends["cpp"]["kernel"] == "fast" and backends["cpp-clear"]["kernel"] == "clear"
     assert "first divergence" not in result.out and "PASS" in result.out
 
 
 def test_run_cpp_backend_writes_the_same_files_as_torch(cli, tiny_model, tmp_path):
-    for backend in ("torch", "cpp"):
+    for backend in ("torch", "cpp", "cpp-clear"):
         result = cli("run", tiny_model, "--backend", backend, "-o", tmp_path / f"{backend}.npy",
                      "--intermediates", tmp_path / backend)
         assert result.code == 0, result.err
     torch_files = sorted(p.name for p in (tmp_path / "torch").iterdir())
-    assert torch_files == sorted(p.name for p in (tmp_path / "cpp").iterdir())
     assert len(torch_files) == 1 + 12 * 2 + 2
-    assert np.abs(np.load(tmp_path / "torch.npy") - np.load(tmp_path / "cpp.npy")).max() < 1e-5
+    for backend in ("cpp", "cpp-clear"):
+        assert torch_files == sorted(p.name for p in (tmp_path / backend).iterdir())
+        assert np.abs(np.load(tmp_path / "torch.npy") - np.load(tmp_path / f"{backend}.npy")).max() < 1e-5
 
 
 def test_standalone_runner_passes_as_an_external_engine(cli, tmp_path, make_model):
