@@ -162,16 +162,26 @@ struct AttentionScratch {
     }
 };
 
-// Scores of one query against the block: s[j] = (q . k_j) / scale for j < kKeyBlock.
-static inline void block_scores(const float* q, const float* keys_t, int hd, float scale, v8* s) {
+// Scores of one query against the block: s[l] = (q . k_j) / scale for the keys j of the
+// first `lanes` 8-key lanes. A whole block keeps all eight accumulators in registers; a short
+// block (a short sequence, the causal edge) computes only the lanes it needs.
+static inline void block_scores(const float* q, const float* keys_t, int hd, float scale, int lanes, v8* s) {
     v8 acc[kLanes] = {};
-    for (int e = 0; e < hd; e++) {
-        v8 qe = splat(q[e]);
-        const float* row = keys_t + (size_t)e * kKeyBlock;
+    if (lanes == kLanes) {
+        for (int e = 0; e < hd; e++) {
+            v8 qe = splat(q[e]);
+            const float* row = keys_t + (size_t)e * kKeyBlock;
 #pragma GCC unroll 8
-        for (int l = 0; l < kLanes; l++) acc[l] += qe * load8(row + 8 * l);
+            for (int l = 0; l < kLanes; l++) acc[l] += qe * load8(row + 8 * l);
+        }
+    } else {
+        for (int e = 0; e < hd; e++) {
+            v8 qe = splat(q[e]);
+            const float* row = keys_t + (size_t)e * kKeyBlock;
+            for (int l = 0; l < lanes; l++) acc[l] += qe * load8(row + 8 * l);
+        }
     }
-    for (int l = 0; l < kLanes; l++) s[l] = acc[l] / scale;  // divided, as the reference does
+    for (int l = 0; l < lanes; l++) s[l] = acc[l] / scale;  // divided, as the reference does
 }
 
 // acc[0 .. 8*NV) = acc * correction + sum_j p[j] * values[j][0 .. 8*NV), values rows hd apart:
@@ -196,8 +206,9 @@ static inline void accumulate_values(float* acc, const float* p, const float* va
 static inline void online_softmax_block(v8* s, int n, const float* values, int hd, float* acc,
                                         float& running_max, float& running_sum) {
     alignas(32) float p[kKeyBlock];
+    int lanes = (n + 7) / 8;
     v8 lane_max = splat(-INFINITY);
-    for (int l = 0; l < kLanes; l++) {
+    for (int l = 0; l < lanes; l++) {
         v8 index = v8{0, 1, 2, 3, 4, 5, 6, 7} + (float)(8 * l);
         s[l] = index < (float)n ? s[l] : splat(-INFINITY);  // lanes past the causal limit
         lane_max = max8(lane_max, s[l]);
@@ -205,7 +216,7 @@ static inline void online_softmax_block(v8* s, int n, const float* values, int h
     float new_max = std::max(running_max, hmax8(lane_max));
     float correction = running_max == -INFINITY ? 0.0f : std::exp(running_max - new_max);
     v8 lane_sum = {};
-    for (int l = 0; l < kLanes; l++) {
+    for (int l = 0; l < lanes; l++) {
         v8 e = exp8_nonpositive(s[l] - new_max);
         lane_sum += e;
         store8(p + 8 * l, e);
@@ -258,7 +269,7 @@ void attention(float* out, const float* q, const float* key_cache, const float* 
                             int n = std::min(nk, p0 + i + 1 - j0);  // causal: keys j <= p0 + i
                             if (n <= 0) continue;
                             v8 s[kLanes];
-                            block_scores(q + (((size_t)b * T + i) * NH + h) * hd, kt, hd, scale, s);
+                            block_scores(q + (((size_t)b * T + i) * NH + h) * hd, kt, hd, scale, (n + 7) / 8, s);
                             if (block_has_padding) {
                                 for (int j = 0; j < n; j++)
                                     if (key_mask[j0 + j] == 0) s[j / 8][j % 8] += -1e9f;  // padding key
