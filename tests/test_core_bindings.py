@@ -191,7 +191,7 @@ def test_optional_keys_and_extra_keys(model_path, model, tmp_path):
 @pytest.mark.parametrize("section", ["config", "meta"])
 def test_stated_head_dim_must_be_hidden_over_heads(model_path, tmp_path, section):
     doc = load_doc(model_path)
-    doc[section]["head_dim"] = 16  # model-spec.md: hd = H / NH = 8
+    doc[section]["head_dim"] = 16  # docs/model.md: hd = H / NH = 8
     with pytest.raises(_core.ModelFileError, match=rf"{section}\.head_dim: expected 8 .* found 16"):
         _core.Model(write_doc(doc, tmp_path / "hd.json"))
 

@@ -229,7 +229,7 @@ private:
         const json* max_pos = find(cfg, "max_position_embeddings");
         c.max_position_embeddings = max_pos ? dimension(*max_pos, "config.max_position_embeddings") : 0;
 
-        // head_dim is H / NH (model-spec.md); a file that states it, in config or meta, must agree
+        // head_dim is H / NH (docs/model.md); a file that states it, in config or meta, must agree
         if (c.hidden_size % c.num_heads != 0) {
             fail("config.num_attention_heads", std::to_string(c.num_heads) + " does not divide hidden_size " +
                                                    std::to_string(c.hidden_size));

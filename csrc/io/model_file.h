@@ -1,4 +1,4 @@
-// Reads the JSON model file (layout: shared/model-spec.md, "model file layout"):
+// Reads the JSON model file (layout: docs/model-format.md):
 // config, RoPE tables and weights as base64 tensors, and optionally an example batch.
 // Every tensor is checked (present, base64, dtype, shape against the config, byte
 // length, finite) before the kernel sees it.

@@ -1,6 +1,6 @@
 """Agreement metrics between a candidate's tensors and the reference's.
 
-All metrics are taken over unpadded rows only (model-spec.md: a fully padded query row is
+All metrics are taken over unpadded rows only (docs/model.md: a fully padded query row is
 not meaningful) and computed in float64.
 """
 

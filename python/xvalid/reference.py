@@ -1,4 +1,4 @@
-"""The PyTorch reference forward pass: exactly ../shared/model-spec.md, as short as the math.
+"""The PyTorch reference forward pass: exactly docs/model.md, as short as the math.
 
 Runs in float32 (the reference candidates are compared against) or float64 (to measure the
 float32 reference's own rounding noise). Prefill and incremental decode share one forward:

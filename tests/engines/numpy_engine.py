@@ -2,7 +2,7 @@
 """numpy_engine.py: an external engine for xvalid's tests, written only with numpy.
 
 An independent implementation of the MiniMind2 / Llama decoder forward pass of
-/work/shared/model-spec.md (no KV cache: one full forward over the file's inputs). It reads a
+docs/model.md (no KV cache: one full forward over the file's inputs). It reads a
 model file in the seed's JSON layout and writes logits the way the seed's engines did:
 
     python numpy_engine.py MODEL OUT_DIR [--bug NAME] [--format raw|npy] [--output-name FILE]

@@ -1,4 +1,4 @@
-"""The seed's JSON model-file layout (docs: /work/shared/model-spec.md), stdlib + numpy only.
+"""The seed's JSON model-file layout (docs/model-format.md), stdlib + numpy only.
 
 A tensor is stored as
     {"name", "shape", "dtype": float32|int32|uint8, "encoding": "base64",
