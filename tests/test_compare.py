@@ -210,7 +210,7 @@ def test_save_logits_and_plot(cli, tmp_path, bug_model):
     assert result.code == 1
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["reference.npy", "reference-float64.npy", "torch.npy",
-                            "engine1-numpy_engine.py.npy"])
+                            "numpy_engine.py.npy"])
     assert np.load(out / "reference.npy").shape == (3, 8, 128)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 

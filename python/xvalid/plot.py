@@ -81,8 +81,7 @@ def _candidate_panels(fig, cand: dict, plt, n_layers: int) -> None:
     kinds = list(dict.fromkeys(p["point"] for p in layered)) or ["(none)"]
     vmin, vmax = _scale([_ratio(p) for p in points])
     norm = TwoSlopeNorm(vcenter=0.0, vmin=vmin, vmax=vmax)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#d9d9d9")  # not compared
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#d9d9d9")  # bad: not compared
     axes = fig.subplot_mosaic([["heat", "line"], ["strip", "line"]], width_ratios=[3, 2],
                               height_ratios=[n_layers, 1])
     heat, strip, line = axes["heat"], axes["strip"], axes["line"]
