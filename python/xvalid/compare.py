@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backends import CppBackend, TorchBackend, load_core
+from .backends import BUILTIN_BACKENDS, CppBackend, TorchBackend, load_core
 from .engines import (DECODE_FILES, PROTOCOL_VERSION, EngineRequest, EngineResult,
                       ExternalEngine, make_engines)
 from .errors import EXIT_ENGINE, EXIT_FAIL, EXIT_PASS, EngineError, InputError
@@ -234,8 +234,9 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
 
     if opts.decode < 0:
         raise InputError("--decode must be >= 0")
-    engines = make_engines(opts.engines, set(opts.backends) | {"reference", "reference-float64"},
-                           opts.engine_timeout, opts.engine_output)
+    # Names taken by the built-in candidates and by --save-logits' reference files.
+    taken = {*BUILTIN_BACKENDS, "reference", "reference-float64"}
+    engines = make_engines(opts.engines, taken, opts.engine_timeout, opts.engine_output)
     progress("reading the model file")
     start = time.perf_counter()
     mf = read_model(model)
