@@ -242,3 +242,15 @@ def test_json_to_stdout_keeps_tables_on_stderr(cli, bug_model):
     report = json.loads(result.out)  # stdout is the JSON document alone
     assert report["verdict"] == "fail" and report["exit_code"] == 1
     assert "first divergence: layer 0, attn_heads" in result.err
+
+
+def test_plot_colour_scale_follows_the_data_centred_on_the_budget():
+    """log10(error/budget): the scale spans the data (no saturation), at least 0.1x..10x, and
+    its ticks always include 1 (the budget)."""
+    from xvalid.plot import _decade_ticks, _ratio, _scale
+    assert _scale([-3.2, 0.5, 4.7]) == (-3.2, 4.7)
+    assert _scale([-0.2, float("inf"), float("-inf")]) == (-1.0, 1.0)
+    assert _ratio({"error": 2e-3, "budget": 2e-5}) == pytest.approx(2.0)
+    assert _ratio({"error": "nan", "budget": 1e-5}) == float("inf")
+    assert _ratio({"error": 0.0, "budget": 1e-5}) == float("-inf")
+    assert 0 in _decade_ticks(-3.2, 4.7) and len(_decade_ticks(-40, 40)) <= 11

@@ -100,10 +100,6 @@ class UnknownFile:
     file: str
     nearest: str | None
 
-    def message(self) -> str:
-        hint = f"; did you mean {self.nearest}?" if self.nearest else ""
-        return f"{INTERMEDIATES_DIR}/{self.file}: not a known intermediate{hint}"
-
     def to_json(self) -> dict:
         return {"file": self.file, "nearest": self.nearest}
 
