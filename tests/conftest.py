@@ -12,7 +12,8 @@ import pytest
 ENGINES = Path(__file__).parent / "engines"
 
 FLAG_NAMES = {"hidden", "layers", "heads", "kv_heads", "vocab", "intermediate", "max_pos",
-              "rope_theta", "eps", "seq_len", "batch_size", "pad", "seed", "init_std", "preset"}
+              "rope_theta", "eps", "seq_len", "batch_size", "pad", "pad_len", "seed", "init_std",
+              "preset"}
 
 
 def run_xvalid(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:

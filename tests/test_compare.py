@@ -210,7 +210,7 @@ def test_save_logits_and_plot(cli, tmp_path, bug_model):
     assert result.code == 1
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["reference.npy", "reference-float64.npy", "torch.npy",
-                            "engine1-numpy_engine.py.npy"])
+                            "numpy_engine.py.npy"])
     assert np.load(out / "reference.npy").shape == (3, 8, 128)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
@@ -242,3 +242,15 @@ def test_json_to_stdout_keeps_tables_on_stderr(cli, bug_model):
     report = json.loads(result.out)  # stdout is the JSON document alone
     assert report["verdict"] == "fail" and report["exit_code"] == 1
     assert "first divergence: layer 0, attn_heads" in result.err
+
+
+def test_plot_colour_scale_follows_the_data_centred_on_the_budget():
+    """log10(error/budget): the scale spans the data (no saturation), at least 0.1x..10x, and
+    its ticks always include 1 (the budget)."""
+    from xvalid.plot import _decade_ticks, _ratio, _scale
+    assert _scale([-3.2, 0.5, 4.7]) == (-3.2, 4.7)
+    assert _scale([-0.2, float("inf"), float("-inf")]) == (-1.0, 1.0)
+    assert _ratio({"error": 2e-3, "budget": 2e-5}) == pytest.approx(2.0)
+    assert _ratio({"error": "nan", "budget": 1e-5}) == float("inf")
+    assert _ratio({"error": 0.0, "budget": 1e-5}) == float("-inf")
+    assert 0 in _decade_ticks(-3.2, 4.7) and len(_decade_ticks(-40, 40)) <= 11

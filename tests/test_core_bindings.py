@@ -464,6 +464,30 @@ def test_runner_kernel_and_profile(model_path, tmp_path, kernel):
 
 
 @needs_runner
+def test_runner_decodes_through_the_kv_cache_and_writes_its_timing(model, model_path, tmp_path):
+    """--decode 3: decode_logits.npy (B, 3, V) equals the module's prefill-then-step decode;
+    --timing: timing.json with the --repeat samples, the warmup, threads and per-step times."""
+    proc = run(model_path, tmp_path, "--threads", "1", "--repeat", "3", "--warmup", "1",
+               "--decode", "3", "--timing", "--kernel", model.kernel)
+    assert proc.returncode == 0, proc.stderr
+    assert "decode 3 steps" in proc.stdout
+    ids, mask = model.input_ids, model.attention_mask
+    S = ids.shape[1]
+    model.reset_cache()
+    model.step(ids[:, :S - 3], mask[:, :S - 3])  # prefill
+    expected = np.concatenate([model.step(ids[:, t:t + 1], mask[:, :t + 1]) for t in range(S - 3, S)],
+                              axis=1)
+    decoded = np.load(tmp_path / "decode_logits.npy")
+    assert decoded.shape == expected.shape == (ids.shape[0], 3, np.load(tmp_path / "logits.npy").shape[2])
+    np.testing.assert_allclose(decoded, expected, rtol=1e-6, atol=1e-7)
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert len(timing["forward_ms"]) == 3 and timing["warmup"] == 1 and timing["threads"] == 1
+    assert len(timing["decode_ms"]) == 3 and timing["prefill_ms"] > 0 and timing["load_ms"] > 0
+    proc = run(model_path, tmp_path / "again", "--decode", str(S))
+    assert proc.returncode == 2 and f"--decode {S} needs at least one prefill token" in proc.stderr
+
+
+@needs_runner
 def test_runner_help():
     proc = run("--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: xvalid-run")

@@ -150,3 +150,28 @@ def test_recorded_command_regenerates_the_same_file(cli, tmp_path):
     assert command[:2] == ["xvalid", "generate"]
     assert cli(*command[1:], "-o", b).code == 0
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_pad_len_sets_the_padding_of_every_padded_row(cli, tmp_path):
+    """--pad 3 --pad-len 6 on S=8: rows 1..3 padded left, right, left by exactly 6 positions;
+    the recorded command carries --pad-len; other draws are unchanged by it."""
+    path, free = tmp_path / "m.json", tmp_path / "free.json"
+    assert cli("generate", "--batch-size", 4, "--seq-len", 8, "--pad", 3, "--pad-len", 6,
+               "-o", path).code == 0
+    assert cli("generate", "--batch-size", 4, "--seq-len", 8, "--pad", 3, "-o", free).code == 0
+    mf = read_model(path)
+    assert mf.attention_mask.tolist() == [[1] * 8, [0] * 6 + [1] * 2, [1] * 2 + [0] * 6,
+                                          [0] * 6 + [1] * 2]
+    assert "--pad 3 --pad-len 6 " in mf.meta["generator"]["command"]
+    unpadded = mf.attention_mask[0] == 1
+    assert np.array_equal(mf.input_ids[0][unpadded], read_model(free).input_ids[0][unpadded])
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--seq-len", 8, "--pad-len", 8], "--pad-len 8 must be between 1 and --seq-len - 1 = 7"),
+    (["--seq-len", 8, "--pad-len", 0], "--pad-len 0 must be between 1"),
+    (["--seq-len", 8, "--pad", 0, "--pad-len", 2], "--pad-len needs padded rows"),
+])
+def test_impossible_pad_len_is_refused(cli, tmp_path, flags, needle):
+    cli("generate", *flags, "-o", tmp_path / "m.json").assert_one_line_error(2, needle)
+    assert not (tmp_path / "m.json").exists()

@@ -8,6 +8,7 @@
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -238,7 +239,8 @@ def test_formats_and_intermediates(models, tmp_path):
     assert raw_file.stat().st_size == B * S * dims["V"] * 4
     raw = np.fromfile(raw_file, dtype="<f4").reshape(B, S, -1)
 
-    assert run_engine(path, tmp_path / "npy", "--format", "npy", "--no-intermediates").returncode == 0
+    assert run_engine(path, tmp_path / "npy", "--format", "npy", "--no-intermediates",
+                      "--no-timing").returncode == 0
     assert [p.name for p in (tmp_path / "npy").iterdir()] == ["logits.npy"]
     npy = np.load(tmp_path / "npy" / "logits.npy")
     assert npy.dtype == np.float32 and np.array_equal(npy, raw)
@@ -288,7 +290,48 @@ def test_fail_short(models, tmp_path):
 
 
 def test_fail_two_files(models, tmp_path):
-    r = run_engine(models["gqa8-8"][0], tmp_path, "--fail", "two-files", "--no-intermediates", timeout=20)
+    r = run_engine(models["gqa8-8"][0], tmp_path, "--fail", "two-files", "--no-intermediates",
+                   "--no-timing", timeout=20)
     assert r.returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["extra.bin", "logits.bin"]
     assert (tmp_path / "extra.bin").read_bytes() == (tmp_path / "logits.bin").read_bytes()
+
+
+# ---- the engine: KV cache, decode and timing (protocol version 2) ----------------------------
+
+def test_decode_through_the_kv_cache_matches_torch_and_the_cache_bug_shows_from_step_2(
+        models, tmp_path):
+    """Prefill S-3, then 3 one-token steps: each step equals the independent torch forward at its
+    position. --bug kv-cache-position leaves the full forward and step 1 right and breaks step 2."""
+    path, m = models["gqa8-2-padded"]
+    mask = m["inputs"]["attention_mask"]
+    S = mask.shape[1]
+    expected = torch_logits(m)[:, S - 3:]
+    keep = mask[:, S - 3:].astype(bool)
+    env = dict(os.environ, XVALID_REPEAT="2", XVALID_WARMUP="1")
+    steps = {}
+    for bug in (None, "kv-cache-position"):
+        out = tmp_path / str(bug)
+        r = subprocess.run([sys.executable, str(ENGINE), str(path), str(out), "--format", "npy",
+                            "--no-intermediates", "--decode", "3", *(["--bug", bug] if bug else [])],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        decoded = np.load(out / "decode_logits.npy")
+        assert decoded.shape == (3, 3, m["config"]["vocab_size"]) and decoded.dtype == np.float32
+        steps[bug] = [float(np.abs(decoded[keep[:, i], i] - expected[keep[:, i], i]).max())
+                      for i in range(3)]
+        full = np.load(out / "logits.npy")
+        assert max_diff_unpadded(full, torch_logits(m), mask) < 1e-5
+        timing = json.loads((out / "timing.json").read_text())
+        assert len(timing["forward_ms"]) == 2 and timing["warmup"] == 1
+        assert len(timing["decode_ms"]) == 3 and timing["prefill_ms"] > 0
+    assert max(steps[None]) < 1e-5
+    assert steps["kv-cache-position"][0] < 1e-5 and min(steps["kv-cache-position"][1:]) > 1e-3
+
+
+def test_seed_style_writes_raw_logits_only(models, tmp_path):
+    env = dict(os.environ, XVALID_DECODE_STEPS="2")
+    r = subprocess.run([sys.executable, str(ENGINE), str(models["gqa8-8"][0]), str(tmp_path),
+                        "--seed-style"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["logits.bin"]

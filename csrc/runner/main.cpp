@@ -1,9 +1,12 @@
 // xvalid-run: the C++ kernel without Python, on a model file's own inputs. The loop for
-// gdb and valgrind (docs/cpp.md), and an engine with the seed's `engine MODEL OUT_DIR` shape.
+// gdb and valgrind (docs/cpp.md), and an engine with the seed's `engine MODEL OUT_DIR` shape
+// that implements every extension of the engine protocol (docs/engines.md): decode through
+// the KV cache, its own timing, threads.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -17,7 +20,7 @@ namespace fs = std::filesystem;
 
 static const char* const kUsage =
     "usage: xvalid-run MODEL OUT_DIR [--intermediates] [--threads N] [--repeat N]\n"
-    "                  [--kernel fast|clear] [--profile]\n"
+    "                  [--warmup N] [--decode N] [--timing] [--kernel fast|clear] [--profile]\n"
     "\n"
     "Runs the C++ kernel's forward pass on the model file's inputs and writes\n"
     "OUT_DIR/logits.npy, float32 (B, S, V); OUT_DIR is created if needed.\n"
@@ -28,6 +31,11 @@ static const char* const kUsage =
     "  --repeat N       run the forward pass N times, report the median time (default 1)\n"
     "  --kernel NAME    fast (default: packed SIMD matmul, fused ops) or clear (naive)\n"
     "  --profile        print a per-op time table (calls, ms, share, GFLOP/s, GB/s)\n"
+    "  --warmup N       untimed forward passes before those (default 0)\n"
+    "  --decode N       also prefill S-N tokens, then decode N one at a time through the\n"
+    "                   KV cache: OUT_DIR/decode_logits.npy, float32 (B, N, V) (default 0)\n"
+    "  --timing         write OUT_DIR/timing.json: load_ms, forward_ms (the --repeat\n"
+    "                   samples), warmup, threads, and prefill_ms, decode_ms with --decode\n"
     "  -h, --help       show this help\n"
     "\n"
     "Prints one summary line. Exit status: 0 ok, 2 bad usage or bad input (model file,\n"
@@ -46,9 +54,12 @@ struct Options {
     int repeat = 1;
     std::string kernel = xvalid::default_kernel_name();
     bool profile = false;
+    int warmup = 0;
+    int decode = 0;   // decode steps after a prefill of S - decode tokens; 0 = none
+    bool timing = false;
 };
 
-static int parse_count(const std::string& option, const char* text) {
+static int parse_count(const std::string& option, const char* text, int min = 1) {
     if (!text) throw UsageError(option + " needs a value");
     size_t used = 0;
     int n = 0;
@@ -57,8 +68,9 @@ static int parse_count(const std::string& option, const char* text) {
     } catch (const std::logic_error&) {
         used = 0;
     }
-    if (used == 0 || text[used] != '\0' || n < 1) {
-        throw UsageError(option + " needs a positive integer, got '" + text + "'");
+    if (used == 0 || text[used] != '\0' || n < min) {
+        throw UsageError(option + " needs " + (min > 0 ? "a positive" : "a non-negative") +
+                         " integer, got '" + text + "'");
     }
     return n;
 }
@@ -75,6 +87,12 @@ static bool parse_args(int argc, char** argv, Options& opt) {
             opt.threads = parse_count(arg, argv[++i]);
         } else if (arg == "--repeat") {
             opt.repeat = parse_count(arg, argv[++i]);
+        } else if (arg == "--warmup") {
+            opt.warmup = parse_count(arg, argv[++i], 0);
+        } else if (arg == "--decode") {
+            opt.decode = parse_count(arg, argv[++i], 0);
+        } else if (arg == "--timing") {
+            opt.timing = true;
         } else if (arg == "--kernel") {
             if (i + 1 >= argc) throw UsageError("--kernel needs a value");
             opt.kernel = argv[++i];
@@ -117,6 +135,89 @@ static void print_profile(const xvalid::Profile& profile) {
     std::printf("%-16s %7s %10.3f\n", "total", "", total * 1e3);
 }
 
+// a[:, from:to] of a row-major (rows, cols) array, contiguous: the kernel's (B, T) inputs.
+static std::vector<int64_t> columns(const std::vector<int64_t>& a, int64_t rows, int64_t cols,
+                                    int64_t from, int64_t to) {
+    std::vector<int64_t> out;
+    out.reserve((size_t)(rows * (to - from)));
+    for (int64_t r = 0; r < rows; r++) {
+        out.insert(out.end(), a.begin() + r * cols + from, a.begin() + r * cols + to);
+    }
+    return out;
+}
+
+struct DecodeResult {
+    std::vector<float> logits;   // (B, N, V): step i is position S - N + i
+    double prefill_ms = 0;
+    std::vector<double> step_ms;  // (N)
+};
+
+// The protocol's decode: prefill the first S - N tokens, then feed one token a step through
+// the KV cache, each step's mask covering every key so far (B, p0 + 1).
+static DecodeResult decode(xvalid::Transformer& transformer, const std::vector<int64_t>& ids,
+                           const std::vector<int64_t>& mask, int64_t B, int64_t S, int64_t V,
+                           int n) {
+    DecodeResult result;
+    result.logits.resize((size_t)(B * n * V));
+    transformer.reset_cache();
+    for (int64_t t = S - n - 1; t < S; t++) {  // t = S-N-1: the prefill of S-N tokens
+        int64_t from = t < S - n ? 0 : t, to = t < S - n ? S - n : t + 1;
+        std::vector<int64_t> step_ids = columns(ids, B, S, from, to);
+        std::vector<int64_t> step_mask = columns(mask, B, S, 0, to);
+        xvalid::StepInput in;
+        in.ids = step_ids.data();
+        in.B = B;
+        in.T = to - from;
+        in.mask = step_mask.data();
+        in.mask_rows = B;
+        in.mask_cols = to;
+        auto start = std::chrono::steady_clock::now();
+        const float* logits = transformer.step(in);
+        double ms = ms_since(start);
+        if (t < S - n) {
+            result.prefill_ms = ms;
+            continue;
+        }
+        result.step_ms.push_back(ms);
+        int64_t i = t - (S - n);
+        for (int64_t b = 0; b < B; b++) {
+            std::copy(logits + b * V, logits + (b + 1) * V, result.logits.begin() + (b * n + i) * V);
+        }
+    }
+    return result;
+}
+
+static std::string json_list(const std::vector<double>& values) {
+    std::string out = "[";
+    char buf[32];
+    for (size_t i = 0; i < values.size(); i++) {
+        std::snprintf(buf, sizeof buf, "%s%.6f", i ? ", " : "", values[i]);
+        out += buf;
+    }
+    return out + "]";
+}
+
+// OUT_DIR/timing.json (docs/engines.md), written to a temporary file and renamed.
+static void write_timing(const fs::path& out_dir, double load_ms, int warmup,
+                         const std::vector<double>& forward_ms, const DecodeResult* decoded) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "{\"load_ms\": %.6f, \"warmup\": %d, \"threads\": %d, ",
+                  load_ms, warmup, xvalid::get_num_threads());
+    std::string text = buf + std::string("\"forward_ms\": ") + json_list(forward_ms);
+    if (decoded) {
+        std::snprintf(buf, sizeof buf, ", \"prefill_ms\": %.6f", decoded->prefill_ms);
+        text += buf + std::string(", \"decode_ms\": ") + json_list(decoded->step_ms);
+    }
+    text += "}\n";
+    fs::path path = out_dir / "timing.json", tmp = out_dir / ".timing.json.tmp";
+    {
+        std::ofstream file(tmp, std::ios::binary);
+        file << text;
+        if (!file.flush()) throw std::runtime_error(tmp.string() + ": cannot write");
+    }
+    fs::rename(tmp, path);
+}
+
 static int run(const Options& opt) {
     const xvalid::KernelOps& kernel = xvalid::find_kernel(opt.kernel);  // bad name: exit 2 before loading
     if (opt.threads > 0) xvalid::set_num_threads(opt.threads);
@@ -138,16 +239,23 @@ static int run(const Options& opt) {
     in.mask_rows = inputs.B;
     in.mask_cols = inputs.S;
 
+    if (opt.decode >= inputs.S) {
+        throw UsageError("--decode " + std::to_string(opt.decode) + " needs at least one prefill token (the inputs have S = " + std::to_string(inputs.S) + " tokens)");
+    }
+
     xvalid::Transformer transformer(file.config, file.weights, kernel);
-    transformer.set_profiling(opt.profile);
     xvalid::Intermediates captured;
     std::vector<double> forward_ms;
     const float* logits = nullptr;
+    if (opt.intermediates) logits = transformer.forward(in, &captured);  // untimed: capture costs
+    for (int r = 0; r < opt.warmup; r++) transformer.forward(in);
+    transformer.set_profiling(opt.profile);  // the profile covers the timed forwards only
     for (int r = 0; r < opt.repeat; r++) {
         start = std::chrono::steady_clock::now();
-        logits = transformer.forward(in, opt.intermediates && r == 0 ? &captured : nullptr);
+        logits = transformer.forward(in);
         forward_ms.push_back(ms_since(start));
     }
+    transformer.set_profiling(false);
 
     fs::path out_dir(opt.out_dir);
     fs::create_directories(out_dir);
@@ -159,10 +267,23 @@ static int run(const Options& opt) {
             xvalid::write_npy((out_dir / "intermediates" / (t.name + ".npy")).string(), t.data.data(), t.shape);
         }
     }
+    // After the logits are written: a step() call reuses their buffer.
+    std::string decode_note;
+    DecodeResult decoded;
+    if (opt.decode > 0) {
+        decoded = decode(transformer, ids, mask, in.B, in.T, V, opt.decode);
+        xvalid::write_npy((out_dir / "decode_logits.npy").string(), decoded.logits.data(),
+                          {in.B, (int64_t)opt.decode, V});
+        char buf[128];
+        std::snprintf(buf, sizeof buf, ", decode %d steps (prefill %.2f ms, %.3f ms/step median)",
+                      opt.decode, decoded.prefill_ms, median(decoded.step_ms));
+        decode_note = buf;
+    }
+    if (opt.timing) write_timing(out_dir, load_ms, opt.warmup, forward_ms, opt.decode > 0 ? &decoded : nullptr);
 
-    std::printf("xvalid-run: kernel %s, B=%lld S=%lld V=%lld load %.1f ms, forward %.2f ms (median of %d), threads %d, wrote %s%s\n",
+    std::printf("xvalid-run: kernel %s, B=%lld S=%lld V=%lld load %.1f ms, forward %.2f ms (median of %d), threads %d%s, wrote %s%s\n",
                 kernel.name, (long long)in.B, (long long)in.T, (long long)V, load_ms, median(forward_ms), opt.repeat,
-                xvalid::get_num_threads(), (out_dir / "logits.npy").string().c_str(),
+                xvalid::get_num_threads(), decode_note.c_str(), (out_dir / "logits.npy").string().c_str(),
                 opt.intermediates ? (" + " + std::to_string(captured.size()) + " intermediates").c_str() : "");
     if (opt.profile) print_profile(transformer.profile());
     return 0;

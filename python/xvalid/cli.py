@@ -53,12 +53,14 @@ def cli():
 @click.option("--batch-size", type=int, default=2, show_default=True, help="B, input rows")
 @click.option("--pad", type=int, default=None,
               help="Padded input rows (the last ones; left, right, left, ...) [1 if S > 1]")
+@click.option("--pad-len", type=int, default=None,
+              help="Padding positions in each padded row [random, 1 .. S-1 per row]")
 @click.option("--seed", type=int, default=123, show_default=True)
 @click.option("--init-std", type=float, default=0.02, show_default=True, help="Weight std")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("model.json"), show_default=True)
 def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_pos, rope_theta,
-             eps, seq_len, batch_size, pad, seed, init_std, output):
+             eps, seq_len, batch_size, pad, pad_len, seed, init_std, output):
     """Write a seeded random-weight model and its inputs as one JSON file."""
     from .generate import generate_model, logit_statistics
     from .modelfile import write_model
@@ -76,7 +78,7 @@ def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_p
     base.update({k: v for k, v in overrides.items() if v is not None})
     cfg = ModelConfig.from_json(base)
     mf = generate_model(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed, pad=pad,
-                        init_std=init_std)
+                        init_std=init_std, pad_len=pad_len)
     # Every flag spelled out: the file says how to make it again (compare's reproduce line).
     mf.meta["generator"]["command"] = (
         f"xvalid generate --hidden {cfg.hidden_size} --layers {cfg.num_hidden_layers} "
@@ -84,7 +86,9 @@ def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_p
         f"--vocab {cfg.vocab_size} --intermediate {cfg.intermediate_size} "
         f"--max-pos {cfg.max_position_embeddings} --rope-theta {float(cfg.rope_theta)!r} "
         f"--eps {float(cfg.rms_norm_eps)!r} --seq-len {seq_len} --batch-size {batch_size} "
-        f"--pad {mf.meta['generator']['pad_rows']} --seed {seed} --init-std {init_std!r}")
+        f"--pad {mf.meta['generator']['pad_rows']}"
+        f"{f' --pad-len {pad_len}' if pad_len is not None else ''} --seed {seed} "
+        f"--init-std {init_std!r}")
     # Record the reference's logit statistics, so a later PASS is known to mean something.
     logits = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
     mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}
@@ -177,9 +181,10 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
               callback=_backend_list,
               help=f"Built-in candidates, comma separated, from: {', '.join(backend_names())} "
                    f"('' for engines only).")
-@click.option("--engine", "engines", multiple=True, metavar="'CMD {model} {out}'",
-              help="External engine command (repeatable); see docs/engines.md.")
-@click.option("--engine-output", metavar="NAME", help="The engine's logits file name in {out}.")
+@click.option("--engine", "engines", multiple=True, metavar="'[NAME=]CMD {model} {out}'",
+              help="External engine command (repeatable), optionally named; placeholders "
+                   "{decode} {prefill} {threads} {repeat} {warmup}; see docs/engines.md.")
+@click.option("--engine-output", metavar="FILE", help="The engine's logits file name in {out}.")
 @click.option("--engine-timeout", type=click.FloatRange(min=0, min_open=True), default=300,
               show_default=True, help="Seconds before an engine is killed.")
 @click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance [derived from the "
@@ -195,11 +200,12 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), callback=_plot_path,
               help="Write the error-per-layer plot (.png, .svg or .pdf).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-              help="Write the report as JSON (schema: xvalid-compare-report v1); '-' for stdout, "
+              help="Write the report as JSON (schema: xvalid-compare-report v2); '-' for stdout, "
                    "with the tables on stderr.")
 @click.option("--save-logits", type=click.Path(file_okay=False, path_type=Path),
               help="Write every candidate's logits as DIR/NAME.npy (and reference, reference-float64).")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Print one line per failing candidate (with the reason), then the verdict.")
 @click.pass_context
 def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, rtol, decode,
             threads, warmup, repeat, intermediates, plot, json_path, save_logits, quiet):
@@ -210,7 +216,7 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, 
     from .compare import CompareOptions, run_compare
     from .files import atomic_write, save_arrays
     from .progress import stderr_console
-    from .report import console, print_compare, report_json
+    from .report import console, print_compare, quiet_lines, report_json
 
     if not backends and not engines:
         raise click.UsageError("nothing to compare: give --backends and/or --engine")
@@ -221,8 +227,8 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, 
     with stderr_console.status("comparing", spinner="dots") as status:
         report = run_compare(model, opts, progress=lambda text: status.update(text))
     arrays = report.pop("_arrays")
-    if save_logits is not None:  # file names without the ':' of 'engine1:name'
-        save_arrays(save_logits, {name.replace(":", "-"): a for name, a in arrays.items()})
+    if save_logits is not None:  # candidate names are file-name safe ([A-Za-z0-9_.-])
+        save_arrays(save_logits, arrays)
     json_to_stdout = json_path == Path("-")
     if json_path is not None:
         text = report_json(report)
@@ -234,7 +240,8 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, 
         from .plot import plot_divergence
         plot_divergence(report, plot)
     if quiet:
-        click.echo(f"{report['verdict'].upper()} {model}", err=json_to_stdout)
+        for line in quiet_lines(report, model):
+            click.echo(line, err=json_to_stdout)
     else:
         print_compare(report, stderr_console if json_to_stdout else console)
     return report["exit_code"]

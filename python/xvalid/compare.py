@@ -3,8 +3,9 @@
 Reference: torch float32; torch float64 measures the float32 reference's own rounding noise,
 from which the default tolerance is derived (metrics.POLICIES). For each candidate (built-in
 backends and external engines) the report holds: logit metrics on unpadded rows, a verdict,
-the first divergent intermediate when intermediates exist, decode drift (--decode N) and
-timing at one thread count. The report is a plain JSON-able dict (schema:
+the first divergent intermediate when intermediates exist, decode drift (--decode N; the same
+check for backends and engines, and an explicit "not supported" for an engine that cannot
+decode) and timing at one thread count. The report is a plain JSON-able dict (schema:
 schemas/compare-report.schema.json); report.py renders it.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import platform
 import shlex
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,21 +20,23 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backends import Backend, BackendSpec, TorchBackend, get_spec, load_core
-from .engines import ExternalEngine, read_intermediates, read_logits_file
+from .backends import (BUILTIN_BACKENDS, DEFAULT_BACKENDS, Backend, BackendSpec, TorchBackend,
+                       get_spec, load_core)
+from .engines import (DECODE_FILES, PROTOCOL_VERSION, EngineRequest, EngineResult,
+                      ExternalEngine, make_engines)
 from .errors import EXIT_ENGINE, EXIT_FAIL, EXIT_PASS, EngineError, InputError
 from .metrics import POLICIES, logit_metrics, tensor_error, within
 from .modelfile import ModelFile, read_model
 from .reference import intermediate_names
-from .timing import time_call
+from .timing import Timing, time_call
 
 REPORT_SCHEMA = "xvalid-compare-report"
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 
 
 @dataclass
 class CompareOptions:
-    backends: tuple[str, ...] = ("torch", "cpp")
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
     engines: tuple[str, ...] = ()
     engine_output: str | None = None
     engine_timeout: float = 300.0
@@ -55,6 +57,8 @@ class Candidate:
     logits: np.ndarray | None = None
     intermediates: dict | None = None
     error: str | None = None  # the engine failed to produce output
+    engine: ExternalEngine | None = None
+    result: EngineResult | None = None  # what the engine wrote (engines only)
     report: dict = field(default_factory=dict)
 
 
@@ -76,10 +80,17 @@ def intermediate_budgets(ref32: dict, ref64: dict, keep: np.ndarray, policy) -> 
 
 
 def divergence(cand: dict, ref32: dict, budgets: dict, keep: np.ndarray, names: list[str]) -> dict:
-    """Per intermediate: error vs the float32 reference and its budget; the first over budget."""
-    points, first = [], None
+    """Per intermediate: error vs the float32 reference and its budget; the first over budget.
+    Also what was not compared: how many of the expected points exist, the layers with none,
+    and the names before the first divergence that the candidate did not write (the bug may
+    be there: the first divergence is the first among the points compared)."""
+    points, first, missing_before = [], None, []
     for name in names:
-        if name not in cand or name not in ref32:
+        if name not in ref32:
+            continue
+        if name not in cand:
+            if first is None:
+                missing_before.append(name)
             continue
         layer, point = split_name(name)
         error, _ = tensor_error(cand[name], ref32[name], keep)
@@ -89,19 +100,24 @@ def divergence(cand: dict, ref32: dict, budgets: dict, keep: np.ndarray, names: 
         points.append(row)
         if row["diverged"] and first is None:
             first = row
-    return {"points": points, "first": first}
+    layers = sorted({split_name(name)[0] for name in names if split_name(name)[0] is not None})
+    with_points = {p["layer"] for p in points}
+    return {"points": points, "first": first, "compared": len(points),
+            "expected": sum(1 for name in names if name in ref32),
+            "layers_without_points": [layer for layer in layers if layer not in with_points],
+            "not_compared_before_first": missing_before if first is not None else []}
 
 
-def decode_drift(backend, mf: ModelFile, reference_logits: np.ndarray, steps: int,
+def decode_drift(decoded: np.ndarray, mask: np.ndarray, reference_logits: np.ndarray,
                  atol: float, rtol: float) -> dict:
-    """Prefill S-steps tokens, then one token a step with the KV cache; each step's logits
-    against the reference's full forward at that position (unpadded rows)."""
-    S = mf.seq_len
-    decoded = backend.decode(mf.input_ids, mf.attention_mask, S - steps)  # (B, steps, V)
+    """The decode check for every candidate, backend or engine. decoded (B, N, V): the logits
+    of N one-token steps through the KV cache after a prefill of S-N tokens; step i (1-based)
+    is position S-N+i-1, compared with the reference's full forward there on unpadded rows."""
+    S, steps = mask.shape[1], decoded.shape[1]
     rows = []
     for i in range(steps):
         position = S - steps + i
-        keep = mf.attention_mask[:, position].astype(bool)
+        keep = mask[:, position].astype(bool)
         if not keep.any():
             rows.append({"step": i + 1, "position": position, "max_abs": None, "pass": True})
             continue
@@ -110,7 +126,15 @@ def decode_drift(backend, mf: ModelFile, reference_logits: np.ndarray, steps: in
         diff[~np.isfinite(cand)] = np.inf
         rows.append({"step": i + 1, "position": position, "max_abs": float(diff.max()),
                      "pass": bool(within(diff, ref, atol, rtol).all())})
-    return {"prefill": S - steps, "steps": rows, "pass": all(r["pass"] for r in rows)}
+    first = next((r for r in rows if not r["pass"]), None)
+    return {"status": "pass" if first is None else "fail", "prefill": S - steps, "steps": rows,
+            "pass": first is None, "first_failing_step": first["step"] if first else None}
+
+
+def decode_not_supported(prefill: int, reason: str) -> dict:
+    """An explicit 'not checked' for a candidate that cannot decode: never a silent pass."""
+    return {"status": "not supported", "prefill": prefill, "steps": [], "pass": None,
+            "first_failing_step": None, "reason": reason}
 
 
 def _versions(backend_info: dict[str, dict]) -> dict:
@@ -148,28 +172,64 @@ def run_backend(spec: BackendSpec, model: Path, mf: ModelFile, threads: int,
     return cand, backend
 
 
-def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, ...],
-               shapes: dict[str, tuple[int, ...]] | None) -> Candidate:
-    """One external engine in a fresh output directory; its failure is the candidate's error."""
-    cand = Candidate(engine.name, "engine")
-    cand.report["command"] = engine.template
-    with tempfile.TemporaryDirectory(prefix="xvalid-engine-") as tmp:
-        out = Path(tmp)
-        try:
-            cand.report["process_ms"] = engine.run(model.resolve(), out) * 1e3
-            cand.logits = read_logits_file(engine.logits_path(out), shape)
-            if shapes:
-                cand.intermediates = read_intermediates(out / "intermediates", shapes) or None
-        except EngineError as exc:
-            cand.error = str(exc)
+def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, int, int],
+               request: EngineRequest, shapes: dict[str, tuple[int, ...]] | None) -> Candidate:
+    """One external engine, one run; its failure is the candidate's error."""
+    cand = Candidate(engine.name, "engine", engine=engine)
+    cand.report.update(command=engine.template, protocol=PROTOCOL_VERSION)
+    try:
+        result = cand.result = engine.run(model.resolve(), shape, request, shapes)
+    except EngineError as exc:
+        cand.error = str(exc)
+        return cand
+    cand.logits = result.logits
+    if result.intermediates or result.unknown_intermediates:
+        cand.intermediates = result.intermediates
+    cand.report.update(process_ms=result.process_ms, wrote=result.files,
+                       unknown_intermediates=[u.to_json() for u in result.unknown_intermediates])
+    if result.timing is not None and result.timing.load_ms is not None:
+        cand.report["load_ms"] = result.timing.load_ms
     return cand
+
+
+def check_decode(cand: Candidate, backend, mf: ModelFile, reference_logits: np.ndarray,
+                 steps: int, atol: float, rtol: float) -> dict:
+    """Decode drift of one candidate: a backend decodes in-process; an engine's decode logits
+    are what it wrote (none: 'not supported by this engine')."""
+    if backend is not None:
+        decoded = backend.decode(mf.input_ids, mf.attention_mask, mf.seq_len - steps)
+    else:
+        decoded = cand.result.decode_logits
+        if decoded is None:
+            return decode_not_supported(mf.seq_len - steps, "not supported by this engine: it "
+                                        f"wrote no {' or '.join(DECODE_FILES)}")
+    return decode_drift(decoded, mf.attention_mask, reference_logits, atol, rtol)
 
 
 def time_forward(backend, mf: ModelFile, threads: int, opts: CompareOptions) -> dict:
     """Median/min/max of the forward alone (no capture), after warmup, at `threads`."""
     backend.set_threads(threads)
-    return time_call(lambda: backend.forward(mf.input_ids, mf.attention_mask), opts.warmup,
-                     opts.repeat).to_json()
+    timing = time_call(lambda: backend.forward(mf.input_ids, mf.attention_mask), opts.warmup,
+                       opts.repeat)
+    return dict(timing.to_json(), measures="forward")
+
+
+def time_engine(cand: Candidate, model: Path, request: EngineRequest) -> dict:
+    """The engine's own forward timing (timing.json) when it wrote one, else `--repeat` whole
+    processes, load included. EngineError if a timing run fails."""
+    own = cand.result.timing
+    if own is None:
+        return dict(cand.engine.time_process(model.resolve(), request).to_json(),
+                    measures="process")
+    out = dict(Timing.from_samples(own.forward_ms, own.warmup or 0).to_json(), measures="forward")
+    if own.threads is not None:
+        out["threads"] = own.threads
+    if own.prefill_ms is not None:
+        out["prefill_ms"] = own.prefill_ms
+    if own.decode_ms is not None:
+        out["decode_ms"] = own.decode_ms
+        out["decode_median_ms"] = Timing.from_samples(own.decode_ms, 0).median_ms
+    return out
 
 
 def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None) -> dict:
@@ -178,8 +238,9 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
 
     if opts.decode < 0:
         raise InputError("--decode must be >= 0")
-    engines = [ExternalEngine(template, index, opts.engine_timeout, opts.engine_output)
-               for index, template in enumerate(opts.engines, start=1)]
+    # Names taken by the built-in candidates and by --save-logits' reference files.
+    taken = {*BUILTIN_BACKENDS, "reference", "reference-float64"}
+    engines = make_engines(opts.engines, taken, opts.engine_timeout, opts.engine_output)
     progress("reading the model file")
     start = time.perf_counter()
     mf = read_model(model)
@@ -220,10 +281,12 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
             progress(f"running {name}")
             cand, backends[name] = run_backend(spec, model, mf, threads, opts.intermediates)
         candidates.append(cand)
+    request = EngineRequest(mf.seq_len, opts.decode, threads, opts.repeat, opts.warmup,
+                            opts.intermediates)
+    shapes = {name: inter32[name].shape for name in names} if opts.intermediates else None
     for engine in engines:
         progress(f"running {engine.name}")
-        shapes = {name: inter32[name].shape for name in names} if opts.intermediates else None
-        candidates.append(run_engine(engine, model, logits32.shape, shapes))
+        candidates.append(run_engine(engine, model, logits32.shape, request, shapes))
 
     progress("computing metrics")
     budgets = intermediate_budgets(inter32, inter64, keep, policy) if opts.intermediates else {}
@@ -236,28 +299,37 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
         # The reference row is measured against float64: its own noise, a sanity check.
         against = logits64 if cand.kind == "reference" else logits32
         r["metrics"] = logit_metrics(cand.logits, against, keep, atol, rtol, 2 * atol)
-        if cand.intermediates and cand.kind != "reference":
+        if cand.intermediates is not None and cand.kind != "reference":
             r["divergence"] = divergence(cand.intermediates, inter32, budgets, keep, names)
         r["status"] = "pass" if r["metrics"]["pass"] else "fail"
 
     if opts.decode:
         for cand in candidates:
-            if cand.name in backends:
-                progress(f"decode drift: {cand.name}")
-                drift = decode_drift(backends[cand.name], mf, logits32, opts.decode, atol, rtol)
-                cand.report["decode"] = drift
-                if not drift["pass"]:
-                    cand.report["status"] = "fail"
+            if cand.error:
+                continue
+            progress(f"decode drift: {cand.name}")
+            drift = check_decode(cand, backends.get(cand.name), mf, logits32, opts.decode,
+                                 atol, rtol)
+            cand.report["decode"] = drift
+            if drift["status"] == "fail":
+                cand.report["status"] = "fail"
 
     for cand in candidates:
+        progress(f"timing {cand.name}")
         if cand.name in backends:
-            progress(f"timing {cand.name}")
             cand.report["timing"] = time_forward(backends[cand.name], mf, threads, opts)
+        elif not cand.error:
+            try:
+                cand.report["timing"] = time_engine(cand, model, request)
+            except EngineError as exc:
+                cand.error = str(exc).replace(f"{cand.name}: ", f"{cand.name}: timing run: ", 1)
+                cand.report.update(status="error", error=cand.error)
     torch_ms = next((c.report["timing"]["median_ms"] for c in candidates
                      if c.name == "torch" and "timing" in c.report), None)
     for cand in candidates:
-        if torch_ms and "timing" in cand.report:
-            cand.report["timing"]["ratio_to_torch"] = cand.report["timing"]["median_ms"] / torch_ms
+        timing = cand.report.get("timing")
+        if torch_ms and timing and timing["measures"] == "forward":
+            timing["ratio_to_torch"] = timing["median_ms"] / torch_ms
 
     statuses = [c.report["status"] for c in candidates]
     exit_code = (EXIT_ENGINE if "error" in statuses else EXIT_FAIL if "fail" in statuses
@@ -272,12 +344,15 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
                   "unpadded_rows": int(keep.sum()), "padded_rows": int((~keep).sum())},
         "versions": _versions({name: b.info() for name, b in backends.items()}),
         "threads": threads,
+        "engine_protocol": PROTOCOL_VERSION,
         "tolerance": {"dtype": policy.dtype, "atol": atol, "rtol": rtol,
                       "atol_source": "--atol" if opts.atol is not None else
                       f"max({policy.noise_factor:g} x reference noise, "
                       f"{policy.atol_floor:g} x max(1, max|logits|))",
                       "reference_noise": noise, "reference_absmax": ref_absmax},
+        "decode_steps": opts.decode,
         "candidates": [c.report for c in candidates],
+        "unchecked": unchecked(candidates),
         "verdict": {EXIT_PASS: "pass", EXIT_FAIL: "fail", EXIT_ENGINE: "error"}[exit_code],
         "exit_code": exit_code,
         "repro": repro_command(mf, model, opts) if exit_code != EXIT_PASS else None,
@@ -285,3 +360,11 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
                     **{c.name: c.logits for c in candidates if c.logits is not None}},
     }
 
+
+def unchecked(candidates: list[Candidate]) -> list[dict]:
+    """Checks that were asked for but could not run on a candidate that did run: the verdict
+    covers the checks that ran and the report names these. Today: decode on an engine that
+    wrote no decode output."""
+    return [{"candidate": c.name, "check": "decode", "reason": c.report["decode"]["reason"]}
+            for c in candidates
+            if c.report.get("decode", {}).get("status") == "not supported"]

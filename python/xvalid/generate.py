@@ -28,16 +28,18 @@ def rope_tables(max_pos: int, head_dim: int, theta: float) -> tuple[np.ndarray, 
 
 
 def padded_inputs(rng: np.random.Generator, vocab: int, batch_size: int, seq_len: int,
-                  pad_rows: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                  pad_rows: int, pad_len: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Random ids (B,S) int32 and a mask (B,S) uint8 whose last `pad_rows` rows are padded,
-    alternating left, right, left, ... Each padded row keeps at least one real token;
-    padded positions hold id 0."""
+    alternating left, right, left, ..., each by `pad_len` positions (None: a random 1..S-1
+    per row). Each padded row keeps at least one real token; padded positions hold id 0."""
     ids = rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int32)
     mask = np.ones((batch_size, seq_len), np.uint8)
     padding = []
     for n, row in enumerate(range(batch_size - pad_rows, batch_size)):
         side = "left" if n % 2 == 0 else "right"
-        length = int(rng.integers(1, seq_len))  # 1 .. S-1
+        length = int(rng.integers(1, seq_len))  # 1 .. S-1, drawn even when fixed: same stream
+        length = pad_len if pad_len is not None else length
         span = slice(0, length) if side == "left" else slice(seq_len - length, seq_len)
         mask[row, span], ids[row, span] = 0, 0
         padding.append({"row": row, "side": side, "length": length})
@@ -45,8 +47,10 @@ def padded_inputs(rng: np.random.Generator, vocab: int, batch_size: int, seq_len
 
 
 def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
-                   pad: int | None = None, init_std: float = 0.02) -> ModelFile:
-    """A ModelFile with seeded weights and inputs; `pad` None means one padded row if S > 1."""
+                   pad: int | None = None, init_std: float = 0.02,
+                   pad_len: int | None = None) -> ModelFile:
+    """A ModelFile with seeded weights and inputs; `pad` None means one padded row if S > 1;
+    `pad_len` padding positions per padded row (None: random)."""
     if batch_size <= 0 or seq_len <= 0:
         raise ConfigError(f"--batch-size and --seq-len must be positive, got {batch_size}, {seq_len}")
     if seq_len > cfg.max_position_embeddings:
@@ -57,6 +61,11 @@ def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, s
         raise ConfigError(f"--pad {pad} must be between 0 and --batch-size {batch_size}")
     if pad and seq_len < 2:
         raise ConfigError("--pad needs --seq-len >= 2 (a padded row keeps one real token)")
+    if pad_len is not None and not 1 <= pad_len <= seq_len - 1:
+        raise ConfigError(f"--pad-len {pad_len} must be between 1 and --seq-len - 1 = "
+                          f"{seq_len - 1} (a padded row keeps one real token)")
+    if pad_len is not None and not pad:
+        raise ConfigError("--pad-len needs padded rows (--pad >= 1)")
     if not (init_std > 0 and np.isfinite(init_std)):
         raise ConfigError(f"--init-std must be a positive number, got {init_std}")
     if not 0 <= seed < 2**63:
@@ -84,7 +93,7 @@ def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, s
     weights = Weights(tok_embedding=embedding, final_rms=draw((H,)), lm_head=embedding,
                       layers=layers)
     ids, mask, padding = padded_inputs(np.random.default_rng(input_seed), V, batch_size,
-                                       seq_len, pad)
+                                       seq_len, pad, pad_len)
     cos, sin = rope_tables(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
     meta = {"seed": seed, "B": batch_size, "S": seq_len, "head_dim": cfg.head_dim,
             "generator": {"tool": "xvalid", "version": __version__, "init_std": init_std,

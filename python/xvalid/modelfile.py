@@ -326,7 +326,8 @@ def load_json(path: str | os.PathLike) -> Any:
     except PermissionError:
         raise ModelFileError(f"{path}: permission denied") from None
     except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+        # exc.msg may end in "at" itself ("Unterminated string starting at"): hence the colon
+        raise ModelFileError(f"{path}: not valid JSON ({exc.msg}: line {exc.lineno}, "
                              f"column {exc.colno}; truncated file?)") from None
     except UnicodeDecodeError as exc:
         raise ModelFileError(f"{path}: not valid JSON (bad UTF-8 at byte {exc.start})") from None

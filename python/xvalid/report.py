@@ -143,6 +143,82 @@ STATUS_STYLE = {"pass": "[bold green]PASS[/]", "fail": "[bold red]FAIL[/]",
                 "error": "[bold yellow]ERROR[/]"}
 
 
+def _where(point: dict) -> str:
+    return f"layer {point['layer']}, {point['point']}" if point["layer"] is not None else point["point"]
+
+
+def _decode_cell(decode: dict | None) -> str:
+    """The table's decode column: 'pass', 'FAIL from step 2', 'not supported'."""
+    if decode is None:
+        return "-"
+    if decode["status"] == "not supported":
+        return "[yellow]not supported[/]"
+    if decode["status"] == "fail":
+        return f"[red]FAIL from step {decode['first_failing_step']}[/]"
+    return "pass"
+
+
+def failure_reasons(cand: dict, tol: dict) -> list[str]:
+    """Why a candidate did not pass, in a few words each: the engine's error, what is off in
+    its logits, where it first diverges, the first decode step that drifts."""
+    if cand["status"] == "error":
+        return [cand["error"]]
+    reasons = []
+    x = cand["metrics"]
+    if x["nonfinite"]:
+        reasons.append(f"{x['nonfinite']['count']} NaN/Inf in the logits, first at "
+                       f"{x['nonfinite']['first']}")
+    elif not x["pass"]:
+        top1 = x["top1"]
+        if x["budget_used"] > 1:
+            reasons.append(f"logits max abs {_g(x['max_abs'])} at {_at(x['max_abs_at'])} > atol "
+                           f"{tol['atol']:.2e}")
+        if top1["agree"] != top1["decisive_rows"]:
+            reasons.append(f"top-1 differs on {top1['decisive_rows'] - top1['agree']} of "
+                           f"{top1['decisive_rows']} decisive rows")
+    first = (cand.get("divergence") or {}).get("first")
+    if first is not None and reasons:
+        reasons.append(f"first divergence: {_where(first)}")
+    decode = cand.get("decode")
+    if decode and decode["status"] == "fail":
+        step = next(s for s in decode["steps"] if not s["pass"])
+        reasons.append(f"decode drifts from step {step['step']} (position {step['position']}, "
+                       f"max abs {_g(step['max_abs'])})")
+    return reasons
+
+
+def unchecked_line(report: dict) -> str | None:
+    """'decode not checked: eng (not supported ...)'; None when every asked check ran."""
+    if not report["unchecked"]:
+        return None
+    by_reason: dict[str, list[str]] = {}
+    for u in report["unchecked"]:
+        by_reason.setdefault(u["reason"], []).append(u["candidate"])
+    items = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
+    checked = [c["name"] for c in report["candidates"]
+               if c["kind"] != "reference" and c.get("decode", {}).get("status") in ("pass", "fail")]
+    none = "" if checked else f"no candidate checked --decode {report['decode_steps']}; "
+    return f"{none}decode not checked: {items}"
+
+
+def quiet_lines(report: dict, model: Path) -> list[str]:
+    """-q: one line per candidate that failed or did not run, with the reason; a line for the
+    checks that could not run; then the verdict."""
+    lines = []
+    for cand in report["candidates"]:
+        if cand["status"] != "pass":
+            reasons = failure_reasons(cand, report["tolerance"])
+            text = "; ".join(reasons)
+            if cand["status"] == "fail":
+                text = f"{cand['name']}: {text}"
+            lines.append(f"{cand['status'].upper()} {text}")
+    note = unchecked_line(report)
+    if note:
+        lines.append(f"NOTE {note}")
+    lines.append(f"{report['verdict'].upper()} {model}")
+    return lines
+
+
 def print_compare(report: dict, out: Console = console) -> None:
     m, tol = report["model"], report["tolerance"]
     c = m["config"]
@@ -154,15 +230,19 @@ def print_compare(report: dict, out: Console = console) -> None:
     out.print(f"tolerance: atol {tol['atol']:.2e} ({tol['atol_source']}; reference noise "
                   f"float32 vs float64 {tol['reference_noise']:.2e}), rtol {tol['rtol']:g}")
 
+    decode_asked = bool(report["decode_steps"])
     table = Table(title="logits vs reference (torch float32; the torch row: vs float64)",
                   title_justify="left")
-    for col in ("candidate", "max abs", "at", "mean abs", "RMSE", "max rel", "cosine", "NMSE",
-                "KL mean/max", "top-1", "budget", "verdict"):
-        table.add_column(col, justify="left" if col in ("candidate", "at", "verdict") else "right")
+    columns = ["candidate", "max abs", "at", "mean abs", "RMSE", "max rel", "cosine", "NMSE",
+               "KL mean/max", "top-1", "budget"] + ["decode"] * decode_asked + ["verdict"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("candidate", "at", "decode", "verdict")
+                         else "right")
     for cand in report["candidates"]:
         status = STATUS_STYLE[cand["status"]]
-        if cand["status"] == "error":
-            table.add_row(cand["name"], "[yellow]did not run (below)[/]", *[""] * 9, status)
+        if "metrics" not in cand:  # the engine did not run
+            table.add_row(cand["name"], "[yellow]did not run (below)[/]",
+                          *[""] * (len(columns) - 3), status)
             continue
         x = cand["metrics"]
         top1 = x["top1"]
@@ -173,59 +253,95 @@ def print_compare(report: dict, out: Console = console) -> None:
             _g(x["max_rel"]), "-" if x["cosine"] is None else f"{x['cosine']:.9f}", _g(x["nmse"]),
             f"{_g(x['kl_mean'])}/{_g(x['kl_max'])}",
             f"{top1['agree']}/{top1['decisive_rows']}", _share(x["budget_used"]),
+            *[_decode_cell(cand.get("decode"))] * decode_asked,
             status + (f" [red]{nan['count']} NaN/Inf, first at {nan['first']}[/]" if nan else ""))
     out.print(table)
 
     for cand in report["candidates"]:
         if cand["status"] == "error":
             out.print(f"{STATUS_STYLE['error']} {cand['error']}")
+        for unknown in cand.get("unknown_intermediates", []):
+            hint = f"; did you mean {unknown['nearest']}?" if unknown["nearest"] else ""
+            out.print(f"{cand['name']}: [yellow]intermediates/{unknown['file']}: not a known "
+                      f"intermediate{hint}[/] (ignored; names: docs/intermediates.md)")
         div = cand.get("divergence")
         if div:
             print_divergence(cand["name"], div, out)
         if cand.get("decode"):
-            d = cand["decode"]
-            steps = ", ".join(f"{s['step']}:{_g(s['max_abs'])}" for s in d["steps"])
-            out.print(f"{cand['name']} decode drift (prefill {d['prefill']}, then 1 token a "
-                          f"step; max abs per step vs the full forward): {steps} -> "
-                          f"{STATUS_STYLE['pass' if d['pass'] else 'fail']}")
+            print_decode(cand, out)
 
-    timed = [c for c in report["candidates"] if "timing" in c or "process_ms" in c]
+    timed = [c for c in report["candidates"] if "timing" in c]
     if timed:
-        timing = Table(title=f"timing (forward of B={m['batch_size']} S={m['seq_len']}, "
-                       f"{_plural(report['threads'], 'thread')})", title_justify="left")
-        for col in ("candidate", "load ms", "median ms", "min ms", "max ms", "runs", "vs torch"):
-            timing.add_column(col, justify="left" if col == "candidate" else "right")
-        for cand in timed:
-            t = cand.get("timing")
-            if t is None:  # an external engine: one process, load included
-                timing.add_row(cand["name"], "-", f"{cand['process_ms']:.2f}", "-", "-",
-                               "1 (process, load included)", "-")
-                continue
-            ratio = t.get("ratio_to_torch")
-            timing.add_row(cand["name"], f"{cand['load_ms']:.1f}", f"{t['median_ms']:.3f}",
-                           f"{t['min_ms']:.3f}", f"{t['max_ms']:.3f}",
-                           f"{t['repeat']} (+{t['warmup']} warmup)",
-                           _speed(ratio))
-        out.print(timing)
+        print_timing(report, timed, out)
 
     verdict = report["verdict"]
+    note = unchecked_line(report)
     failing = [c["name"] for c in report["candidates"] if c["status"] != "pass"]
     if verdict == "pass":
         worst = max(c["metrics"]["budget_used"] for c in report["candidates"])
+        scope = f"; [yellow]{note}[/]" if note else ""
         out.print(f"verdict: {STATUS_STYLE['pass']} ({_plural(len(report['candidates']), 'candidate')} "
-                      f"within atol {tol['atol']:.2e}; worst uses {_share(worst)} of the budget)")
+                      f"within atol {tol['atol']:.2e}; worst uses {_share(worst)} of the budget"
+                      f"{scope})")
     else:
         out.print(f"verdict: {STATUS_STYLE[verdict]} ({', '.join(failing)})")
         for cand in report["candidates"]:
             if cand["status"] == "fail":
                 x = cand["metrics"]
-                out.print(f"  {cand['name']}: smallest passing atol {_g(x['min_passing_atol'])}"
-                              f" (budget {tol['atol']:.2e})")
+                atol = (f"; smallest passing atol {_g(x['min_passing_atol'])} (budget "
+                        f"{tol['atol']:.2e})" if not x["pass"] else "")
+                out.print(f"  {cand['name']}: {'; '.join(failure_reasons(cand, tol))}{atol}")
+        if note:
+            out.print(f"  [yellow]{note}[/]")
         out.print(f"reproduce: {report['repro']}")
+
+
+def print_decode(cand: dict, out: Console = console) -> None:
+    d = cand["decode"]
+    if d["status"] == "not supported":
+        out.print(f"{cand['name']} [yellow]decode: {d['reason']}[/] (its verdict covers the "
+                  f"full forward only; docs/engines.md: decode)")
+        return
+    steps = ", ".join(f"{s['step']}:{_g(s['max_abs'])}" for s in d["steps"])
+    where = (f" from step {d['first_failing_step']}" if d["status"] == "fail" else "")
+    out.print(f"{cand['name']} decode drift (prefill {d['prefill']}, then 1 token a step; max "
+              f"abs per step vs the full forward): {steps} -> {STATUS_STYLE[d['status']]}{where}")
+
+
+def print_timing(report: dict, timed: list[dict], out: Console = console) -> None:
+    m = report["model"]
+    decoding = any("decode_ms" in c["timing"] for c in timed)
+    timing = Table(title=f"timing (forward of B={m['batch_size']} S={m['seq_len']}, "
+                   f"{_plural(report['threads'], 'thread')})", title_justify="left")
+    columns = ["candidate", "load ms", "median ms", "min ms", "max ms", "runs", "vs torch"]
+    columns += ["prefill ms", "decode ms/step"] * decoding
+    for col in columns:
+        timing.add_column(col, justify="left" if col in ("candidate", "runs") else "right")
+    for cand in timed:
+        t = cand["timing"]
+        runs = f"{t['repeat']} (+{t['warmup']} warmup)"
+        if t["measures"] == "process":
+            runs = f"{t['repeat']} (process, load included)"
+        if t.get("threads", report["threads"]) != report["threads"]:
+            runs += f" [yellow]ran {_plural(t['threads'], 'thread')}[/]"
+        load = f"{cand['load_ms']:.1f}" if "load_ms" in cand else "-"
+        decode = [f"{t['prefill_ms']:.3f}" if "prefill_ms" in t else "-",
+                  f"{t['decode_median_ms']:.3f}" if "decode_median_ms" in t else "-"] * decoding
+        timing.add_row(cand["name"], load, f"{t['median_ms']:.3f}", f"{t['min_ms']:.3f}",
+                       f"{t['max_ms']:.3f}", runs, _speed(t.get("ratio_to_torch")), *decode)
+    out.print(timing)
 
 
 def print_divergence(name: str, div: dict, out: Console = console) -> None:
     points = div["points"]
+    coverage = f"{div['compared']} of {div['expected']} points compared"
+    gaps = div["layers_without_points"]
+    if gaps:
+        coverage += f"; {_plural(len(gaps), 'layer')} with none: {', '.join(map(str, gaps))}"
+    if not points:
+        out.print(f"{name}: [yellow]no intermediates compared (0 of {div['expected']} known "
+                  f"names written)[/]")
+        return
     layers = sorted({p["layer"] for p in points if p["layer"] is not None})
     kinds = list(dict.fromkeys(p["point"] for p in points if p["layer"] is not None))
     table = Table(title=f"{name}: max abs error per layer and sublayer (red: over budget)",
@@ -243,17 +359,22 @@ def print_divergence(name: str, div: dict, out: Console = console) -> None:
 
     for layer in layers:
         table.add_row(str(layer), *(fmt(cell.get((layer, k))) for k in kinds))
-    out.print(table)
+    if layers:
+        out.print(table)
     edges = [p for p in points if p["layer"] is None]
-    out.print("  " + ", ".join(f"{p['name']} {fmt(p)}" for p in edges))
+    if edges:
+        out.print("  " + ", ".join(f"{p['name']} {fmt(p)}" for p in edges))
     first = div["first"]
     if first is None:
-        out.print(f"{name}: no divergence: every intermediate within its budget")
-    else:
-        where = (f"layer {first['layer']}, {first['point']}" if first["layer"] is not None
-                 else first["point"])
-        detail = f"max abs {_g(first['error'])} > budget {_g(first['budget'])}"
-        out.print(f"{name}: [bold red]first divergence: {where}[/] ({first['name']}: {detail})")
+        out.print(f"{name}: no divergence: every intermediate within its budget ({coverage})")
+        return
+    detail = f"max abs {_g(first['error'])} > budget {_g(first['budget'])}"
+    out.print(f"{name}: [bold red]first divergence: {_where(first)}[/] "
+              f"({first['name']}: {detail}; {coverage})")
+    missing = div["not_compared_before_first"]
+    if missing:
+        listed = ", ".join(missing) if len(missing) <= 4 else f"{len(missing)} points"
+        out.print(f"  [yellow]not compared before it (the engine wrote no such file): {listed}[/]")
 
 
 def report_json(report: dict) -> str:

@@ -19,6 +19,11 @@ class Timing:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_samples(cls, samples_ms: list[float], warmup: int) -> "Timing":
+        return cls(statistics.median(samples_ms), min(samples_ms), max(samples_ms),
+                   len(samples_ms), warmup)
+
 
 def time_call(fn: Callable[[], object], warmup: int, repeat: int) -> Timing:
     for _ in range(warmup):
@@ -28,4 +33,4 @@ def time_call(fn: Callable[[], object], warmup: int, repeat: int) -> Timing:
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return Timing(statistics.median(samples), min(samples), max(samples), len(samples), warmup)
+    return Timing.from_samples(samples, warmup)

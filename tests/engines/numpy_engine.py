@@ -1,26 +1,37 @@
 #!/usr/bin/env python3
 """numpy_engine.py: an external engine for xvalid's tests, written only with numpy.
 
-An independent implementation of the MiniMind2 / Llama decoder forward pass of
-docs/model.md (no KV cache: one full forward over the file's inputs). It reads a
-model file in the seed's JSON layout and writes logits the way the seed's engines did:
+An independent implementation of the MiniMind2 / Llama decoder forward pass of docs/model.md
+(model files: docs/model-format.md; intermediates: docs/intermediates.md), with its own KV
+cache. It reads a model file in the seed's JSON layout and follows the engine protocol of
+docs/engines.md, version 2:
 
     python numpy_engine.py MODEL OUT_DIR [--bug NAME] [--format raw|npy] [--output-name FILE]
                            [--no-intermediates] [--dtype float32|float64] [--fail MODE]
+                           [--decode N] [--no-timing] [--seed-style]
 
     OUT_DIR/logits.bin                raw little-endian float32 (B,S,V), no header (--format raw)
     OUT_DIR/logits.npy                a real .npy of the same                         (--format npy)
     OUT_DIR/intermediates/NAME.npy    float32, the names of docs/intermediates.md
+    OUT_DIR/decode_logits.bin|.npy    (B,N,V): prefill S-N tokens, then N one-token steps
+                                      through the KV cache (--decode N, default
+                                      $XVALID_DECODE_STEPS, else 0: nothing written)
+    OUT_DIR/timing.json               load_ms, forward_ms ($XVALID_REPEAT forwards after
+                                      $XVALID_WARMUP untimed ones), prefill_ms, decode_ms, threads
 
+XVALID_INTERMEDIATES=0 in the environment skips the intermediates. --seed-style behaves like
+the seed's engines (protocol version 1): raw float32 logits only, the environment ignored.
 --bug injects one classic engine bug (the intermediates show the buggy computation, as a real
 buggy engine would dump them); --fail misbehaves at the protocol level instead. Both exist to
 test that xvalid catches and localises them.
 
-Dimensions: B = batch, S = sequence, H = hidden, NH / KVH = query / key-value heads,
-hd = head_dim = H / NH, I = FFN inner size, V = vocab.
+Dimensions: B = batch, S = sequence, T = new tokens in one step, P = tokens already in the KV
+cache, H = hidden, NH / KVH = query / key-value heads, hd = head_dim = H / NH, I = FFN inner
+size, V = vocab, N = decode steps.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -40,6 +51,9 @@ BUGS = {
     "norm-weight-ignored": "rmsnorm weights not multiplied (all norms)",
     "causal-off-by-one": "each query also sees the next token (j > i+1 masked)",
     "nan": "a NaN in logit (b=0, last position, token 0)",
+    "kv-cache-position": "a one-token decode step does not advance the cache position: from "
+                         "the second decode step on, the token reuses the previous position "
+                         "and cache slot (the full forward is unaffected)",
 }
 FAIL_MODES = {
     "exit3": "print a message to stderr, exit 3, write nothing",
@@ -83,7 +97,7 @@ def rmsnorm(x, weight, eps, use_weight=True):
 
 
 def rope(x, cos, sin, interleaved=False):
-    """Rotate x (B,S,heads,hd) by position; cos, sin (S,hd) rows for positions 0..S-1.
+    """Rotate x (B,T,heads,hd) by position; cos, sin (T,hd) rows for this call's positions.
 
     Rotate-half (the spec): dimension j pairs with j + hd/2,
         out[j] = x[j] c[j] - x[j+hd/2] s[j],  out[j+hd/2] = x[j+hd/2] c[j] + x[j] s[j].
@@ -108,25 +122,26 @@ def softmax(s):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q, k, v, kv_head, attention_mask=None, lookahead=0):
-    """Causal multi-head attention with grouped kv heads.
+def attention(q, k, v, kv_head, attention_mask=None, lookahead=0, p0=0):
+    """Causal multi-head attention with grouped kv heads, for T new queries after P cached keys.
 
-    q (B,S,NH,hd); k, v (B,S,KVH,hd); kv_head (NH,) int: query head h reads kv head kv_head[h];
-    attention_mask (B,S) 1 = keep, 0 = pad, or None. Key j is visible to query i if j <= i + lookahead.
-    Returns o (B,S,NH,hd).
+    q (B,T,NH,hd) at positions p0..p0+T-1; k, v (B,P+T,KVH,hd) for positions 0..P+T-1 (cached,
+    then new); kv_head (NH,) int: query head h reads kv head kv_head[h]; attention_mask
+    (B,P+T) 1 = keep, 0 = pad, or None. Key j is visible to query i if j <= p0 + i + lookahead.
+    Returns o (B,T,NH,hd).
     """
-    S, hd = q.shape[1], q.shape[3]
-    qh = q.transpose(0, 2, 1, 3)                             # (B,NH,S,hd)
-    kh = k[:, :, kv_head].transpose(0, 2, 3, 1)              # (B,NH,hd,S)
-    vh = v[:, :, kv_head].transpose(0, 2, 1, 3)              # (B,NH,S,hd)
-    scores = (qh @ kh) / math.sqrt(hd)                       # (B,NH,S,S), divide as written
+    T, n_keys, hd = q.shape[1], k.shape[1], q.shape[3]
+    qh = q.transpose(0, 2, 1, 3)                             # (B,NH,T,hd)
+    kh = k[:, :, kv_head].transpose(0, 2, 3, 1)              # (B,NH,hd,P+T)
+    vh = v[:, :, kv_head].transpose(0, 2, 1, 3)              # (B,NH,P+T,hd)
+    scores = (qh @ kh) / math.sqrt(hd)                       # (B,NH,T,P+T), divide as written
     # causal: -inf where key j is after query i (+ lookahead)
-    i, j = np.arange(S)[:, None], np.arange(S)[None, :]
-    scores = np.where(j > i + lookahead, -np.inf, scores)
+    i, j = np.arange(T)[:, None], np.arange(n_keys)[None, :]
+    scores = np.where(j > p0 + i + lookahead, -np.inf, scores)
     # padding: -1e9 on padded keys, for every query row
     if attention_mask is not None:
         scores = scores + np.where(attention_mask[:, None, None, :] == 0, -1e9, 0.0).astype(scores.dtype)
-    return (softmax(scores) @ vh).transpose(0, 2, 1, 3)      # (B,S,NH,hd)
+    return (softmax(scores) @ vh).transpose(0, 2, 1, 3)      # (B,T,NH,hd)
 
 
 def swiglu(m, w_gate, w_up, w_down):
@@ -137,21 +152,32 @@ def swiglu(m, w_gate, w_up, w_down):
     return gate, up, (silu * up) @ w_down.T
 
 
-def forward(cfg, w, cos, sin, ids, mask, bug=None, record=lambda name, a: None):
-    """Logits (B,S,V) in the weights' dtype. w: the file's weights dict, already cast;
-    cos, sin (max_pos,hd); ids, mask (B,S). record(name, array) sees every intermediate."""
-    B, S = ids.shape
+class KVCache:
+    """Post-RoPE keys and values per layer, each (B,P,KVH,hd); `length` = P, the position the
+    next token takes."""
+
+    def __init__(self, n_layers):
+        self.k, self.v, self.length = [None] * n_layers, [None] * n_layers, 0
+
+
+def step(cfg, w, cos, sin, ids, mask, cache, bug=None, record=lambda name, a: None):
+    """Append ids (B,T) to the cache at positions p0..p0+T-1 (p0 = cache.length) and return
+    their logits (B,T,V) in the weights' dtype. w: the file's weights dict, already cast;
+    cos, sin (max_pos,hd); mask (B, >= p0+T): columns 0..p0+T-1 (cached keys, then new) are
+    used. record(name, array) sees every intermediate of this call."""
+    B, T = ids.shape
+    p0 = cache.length
     NH, KVH, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     use_norm_weight = bug != "norm-weight-ignored"          # BUG norm-weight-ignored
     # GQA is one index array: query head h reads kv head h // n_rep
     kv_head = np.arange(NH) % KVH if bug == "gqa" else np.arange(NH) // cfg.n_rep   # BUG gqa
-    cos, sin = cos[:S], sin[:S]                              # positions 0..S-1 (no cache)
-    attn_mask = None if bug == "no-padding-mask" else mask   # BUG no-padding-mask
+    cos, sin = cos[p0:p0 + T], sin[p0:p0 + T]                # this call's positions
+    attn_mask = None if bug == "no-padding-mask" else mask[:, :p0 + T]   # BUG no-padding-mask
     lookahead = 1 if bug == "causal-off-by-one" else 0       # BUG causal-off-by-one
     interleaved = bug == "rope-interleaved"                  # BUG rope-interleaved
 
     # token embedding: plain lookup
-    x = w["tok_embedding"][ids]                              # (B,S,H)
+    x = w["tok_embedding"][ids]                              # (B,T,H)
     record("embedding", x)
 
     for l, lw in enumerate(w["layers"]):
@@ -160,9 +186,9 @@ def forward(cfg, w, cos, sin, ids, mask, bug=None, record=lambda name, a: None):
         a = rmsnorm(x, lw["rms_attn"], cfg.norm_eps, use_norm_weight)
         record(p + "attn_norm", a)
         # qkv matmuls (nn.Linear: W is (out, in))
-        q = (a @ lw["wq"].T).reshape(B, S, NH, hd)
-        k = (a @ lw["wk"].T).reshape(B, S, KVH, hd)
-        v = (a @ lw["wv"].T).reshape(B, S, KVH, hd)
+        q = (a @ lw["wq"].T).reshape(B, T, NH, hd)
+        k = (a @ lw["wk"].T).reshape(B, T, KVH, hd)
+        v = (a @ lw["wv"].T).reshape(B, T, KVH, hd)
         # RoPE on q and k
         q = rope(q, cos, sin, interleaved)
         if bug != "rope-k-missing":                          # BUG rope-k-missing
@@ -170,10 +196,15 @@ def forward(cfg, w, cos, sin, ids, mask, bug=None, record=lambda name, a: None):
         record(p + "q", q)
         record(p + "k", k)
         record(p + "v", v)
+        # the KV cache: keys and values of positions 0..p0-1, then this call's
+        if p0:
+            k = np.concatenate([cache.k[l][:, :p0], k], axis=1)   # (B,P+T,KVH,hd)
+            v = np.concatenate([cache.v[l][:, :p0], v], axis=1)
+        cache.k[l], cache.v[l] = k, v
         # attention, then the output projection over head-major concatenated heads
-        o = attention(q, k, v, kv_head, attn_mask, lookahead)   # (B,S,NH,hd)
+        o = attention(q, k, v, kv_head, attn_mask, lookahead, p0)   # (B,T,NH,hd)
         record(p + "attn_heads", o)
-        attn_out = o.reshape(B, S, NH * hd) @ lw["wo"].T        # (B,S,H)
+        attn_out = o.reshape(B, T, NH * hd) @ lw["wo"].T        # (B,T,H)
         if bug == "attn-lost":                               # BUG attn-lost
             attn_out = np.zeros_like(attn_out)
         record(p + "attn_out", attn_out)
@@ -191,14 +222,36 @@ def forward(cfg, w, cos, sin, ids, mask, bug=None, record=lambda name, a: None):
         x = x + ffn_out
         record(p + "residual", x)
 
+    stuck = bug == "kv-cache-position" and T == 1 and p0 > 0   # BUG kv-cache-position
+    cache.length = p0 + T - (1 if stuck else 0)
     # final rmsnorm and the tied head
     x = rmsnorm(x, w["final_rms"], cfg.norm_eps, use_norm_weight)
     record("final_norm", x)
-    logits = x @ w["lm_head"].T                              # (B,S,V)
+    logits = x @ w["lm_head"].T                              # (B,T,V)
     if bug == "nan":                                         # BUG nan
         logits[0, -1, 0] = np.nan
     record("logits", logits)
     return logits
+
+
+def forward(cfg, w, cos, sin, ids, mask, bug=None, record=lambda name, a: None):
+    """The whole sequence from an empty cache: logits (B,S,V)."""
+    return step(cfg, w, cos, sin, ids, mask, KVCache(cfg.n_layers), bug, record)
+
+
+def decode(cfg, w, cos, sin, ids, mask, n_prefill, bug=None):
+    """Prefill n_prefill tokens, then one token a step through the KV cache, as the protocol
+    asks: logits (B, S - n_prefill, V), prefill ms, [ms per step]."""
+    cache = KVCache(cfg.n_layers)
+    start = time.perf_counter()
+    step(cfg, w, cos, sin, ids[:, :n_prefill], mask, cache, bug)
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    steps, step_ms = [], []
+    for t in range(n_prefill, ids.shape[1]):
+        start = time.perf_counter()
+        steps.append(step(cfg, w, cos, sin, ids[:, t:t + 1], mask, cache, bug))
+        step_ms.append((time.perf_counter() - start) * 1e3)
+    return np.concatenate(steps, axis=1), prefill_ms, step_ms
 
 
 def cast_tree(node, dtype):
@@ -222,6 +275,12 @@ def write_logits(path, logits, fmt, short=False):
             f.write(out.tobytes())
 
 
+def env_int(name, default):
+    """A non-negative integer from the environment (the protocol's XVALID_* variables)."""
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().isdigit() else default
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description="numpy reference engine for xvalid tests (seed JSON model -> logits)",
@@ -232,15 +291,33 @@ def parse_args(argv):
     p.add_argument("out_dir", help="output directory (created)")
     p.add_argument("--bug", choices=sorted(BUGS), metavar="NAME", help="inject one engine bug (below)")
     p.add_argument("--format", choices=("raw", "npy"), default="raw",
-                   help="logits file format (default raw)")
+                   help="logits file format (default raw), also of decode_logits")
     p.add_argument("--output-name", metavar="FILE", help="logits file name (default logits.bin / logits.npy)")
     p.add_argument("--no-intermediates", action="store_true",
-                   help="do not write OUT_DIR/intermediates/")
+                   help="do not write OUT_DIR/intermediates/ (also: XVALID_INTERMEDIATES=0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64",
                    help="internal precision (default float64); outputs are float32")
     p.add_argument("--fail", choices=sorted(FAIL_MODES), metavar="MODE",
                    help="simulate a protocol failure (below)")
-    return p.parse_args(argv)
+    p.add_argument("--decode", type=int, default=None, metavar="N",
+                   help="decode steps (default $XVALID_DECODE_STEPS, else 0)")
+    p.add_argument("--no-timing", action="store_true", help="do not write OUT_DIR/timing.json")
+    p.add_argument("--seed-style", action="store_true",
+                   help="protocol version 1: raw float32 logits only, the environment ignored")
+    args = p.parse_args(argv)
+    if args.seed_style:
+        args.format, args.no_intermediates, args.no_timing, args.decode = "raw", True, True, 0
+    if args.decode is None:
+        args.decode = env_int("XVALID_DECODE_STEPS", 0)
+    if os.environ.get("XVALID_INTERMEDIATES") == "0" and not args.seed_style:
+        args.no_intermediates = True
+    return args
+
+
+def write_timing(path, **fields):
+    """timing.json (docs/engines.md); None fields are left out."""
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in fields.items() if v is not None}, f)
 
 
 def main(argv=None):
@@ -253,6 +330,7 @@ def main(argv=None):
     if args.fail == "sleep":
         time.sleep(60)
 
+    start = time.perf_counter()
     model = read_model(args.model)
     cfg = Config.from_json(model["config"])
     dtype = np.dtype(args.dtype)
@@ -261,13 +339,20 @@ def main(argv=None):
     cos, sin = (np.asarray(model["rope"][t], dtype=dtype) for t in ("cos", "sin"))
     ids = np.asarray(model["inputs"]["input_ids"], dtype=np.int64)
     mask = np.asarray(model["inputs"]["attention_mask"])
+    load_ms = (time.perf_counter() - start) * 1e3
+    S = ids.shape[1]
+    if not 0 <= args.decode < S:
+        print(f"numpy_engine: error: --decode {args.decode} must be in [0, S-1 = {S - 1}]",
+              file=sys.stderr)
+        return 2
 
     captured = {}
     record = (lambda name, a: None) if args.no_intermediates else captured.__setitem__
     logits = forward(cfg, weights, cos, sin, ids, mask, args.bug, record)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    name = args.output_name or ("logits.npy" if args.format == "npy" else "logits.bin")
+    ext = "npy" if args.format == "npy" else "bin"
+    name = args.output_name or f"logits.{ext}"
     write_logits(os.path.join(args.out_dir, name), logits, args.format, short=args.fail == "short")
     if args.fail == "two-files":
         write_logits(os.path.join(args.out_dir, "extra.bin"), logits, "raw")
@@ -276,6 +361,23 @@ def main(argv=None):
         os.makedirs(idir, exist_ok=True)
         for n, a in captured.items():
             np.save(os.path.join(idir, n + ".npy"), np.asarray(a, dtype=np.float32))
+    prefill_ms = decode_ms = None
+    if args.decode:
+        decoded, prefill_ms, decode_ms = decode(cfg, weights, cos, sin, ids, mask, S - args.decode,
+                                                args.bug)
+        write_logits(os.path.join(args.out_dir, f"decode_logits.{ext}"), decoded, args.format)
+    if not args.no_timing:
+        for _ in range(env_int("XVALID_WARMUP", 0)):
+            forward(cfg, weights, cos, sin, ids, mask, args.bug)
+        forward_ms = []
+        for _ in range(max(env_int("XVALID_REPEAT", 1), 1)):
+            start = time.perf_counter()
+            forward(cfg, weights, cos, sin, ids, mask, args.bug)
+            forward_ms.append((time.perf_counter() - start) * 1e3)
+        write_timing(os.path.join(args.out_dir, "timing.json"), load_ms=load_ms,
+                     forward_ms=forward_ms, warmup=env_int("XVALID_WARMUP", 0),
+                     prefill_ms=prefill_ms, decode_ms=decode_ms,
+                     threads=env_int("OMP_NUM_THREADS", None))
     return 0
 
 
