@@ -387,3 +387,27 @@ def test_module_refuses_a_call_beyond_the_memory_limit(monkeypatch):
                                                r"2 MiB .* above the limit of 1 MiB"):
         model.step(np.zeros((4000, 1), np.int64))
     assert model.cache_len == 1  # a refused call keeps the cache
+
+
+@settings(max_examples=int(os.environ.get("XVALID_FUZZ_EXAMPLES", 60)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet='[]{}"\\x', max_size=120), deep=st.integers(0, 80))
+def test_both_readers_find_the_same_too_deep_bracket(tmp_path, text, deep):
+    """The depth scan skips strings (escaped quotes included) the same way in both readers."""
+    from xvalid import _core
+    from xvalid.errors import ModelFileError
+    from xvalid.modelfile import load_json
+
+    path = tmp_path / "deep.json"
+    path.write_bytes(text.encode() + b"[" * deep + b'"\\"' + b"{" * deep)
+    messages = []
+    try:
+        load_json(path)
+    except ModelFileError as exc:
+        messages.append(str(exc))
+    try:
+        _core.Model(str(path))
+    except _core.ModelFileError as exc:
+        messages.append(str(exc))
+    too_deep = [m for m in messages if "nested deeper than 64 levels" in m]
+    assert len(too_deep) in (0, 2) and len(set(too_deep)) <= 1, messages
