@@ -116,8 +116,8 @@ def edited(edit, raw: str = "") -> bytes:
     return json.dumps(doc).replace('"RAW"', raw).encode()
 
 
-# name -> (file content, env limit in MiB or None for the machine's default, expected message
-# after "<path>: ", or None to take it from the issue-independent checks only)
+# name -> (the file's content, XVALID_MEMORY_LIMIT_MB or None for the machine's default, the
+# expected message after "<path>: ")
 CASES = {
     # 1: nesting that overflowed the C++ loader's stack when it quoted the value
     "deep-arrays": (lambda: b"[" * 100_000 + b"]" * 100_000, None,
