@@ -51,11 +51,15 @@ if [ -z "$json_include" ]; then
     apt_install nlohmann-json3-dev
     json_include=/usr/include
 fi
+include_json=(-isystem "$json_include")
+case $json_include in  # a default directory again as -isystem would break #include_next
+    /usr/include | /usr/local/include) include_json=() ;;
+esac
 
 echo "fuzz_loader: building $out/fuzz_loader (clang++ $(clang++ -dumpversion), ASan + UBSan)" >&2
 clang++ -std=c++17 -O1 -g -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-    -I "$repo/csrc" -isystem "$json_include" \
+    -I "$repo/csrc" "${include_json[@]}" \
     "$repo/csrc/fuzz/fuzz_loader.cpp" "$repo/csrc/io/model_file.cpp" "$repo/csrc/io/forward_memory.cpp" \
     "$repo/csrc/kernel/ops.cpp" "$repo/csrc/kernel/transformer.cpp" \
     -o "$out/fuzz_loader"
