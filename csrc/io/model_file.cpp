@@ -12,6 +12,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "forward_memory.h"
+#include "limits.h"
+
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "model files hold little-endian tensors; this reader copies them as they are"
 #endif
@@ -20,11 +23,6 @@ namespace xvalid {
 namespace {
 
 using json = nlohmann::json;
-
-// Every config size and every tensor dimension must be at most this. Sizes derived from
-// them (products of two or three) then fit in int64 and the kernel's int dimensions, and
-// a typo like hidden_size = 10^9 is an error instead of a giant allocation.
-constexpr int64_t kMaxDim = int64_t(1) << 24;
 
 constexpr int kFormatVersion = 1;  // the newest "format_version" this reader understands
 
@@ -88,11 +86,42 @@ std::string shape_str(const std::vector<int64_t>& shape) {
     return s + "]";
 }
 
-// A JSON value as it appears in the file, cut short for a one-line message.
-// (Invalid UTF-8 in a string is replaced rather than thrown on: the file may be hostile.)
+// Text quoted from the file is cut to this many characters ("..." ending the cut).
+constexpr size_t kQuoteChars = 40;
+
+std::string cut(const std::string& text) {
+    return text.size() <= kQuoteChars ? text : text.substr(0, kQuoteChars - 3) + "...";
+}
+
+// Appends `value` as JSON to `out`, walking at most `levels` levels of arrays and objects
+// and stopping once `out` is longer than kQuoteChars: the cost is bounded however deep or
+// large the value. (A full dump() recurses once per level, and a hostile file can nest
+// 100000 levels.) Invalid UTF-8 in a string is replaced rather than thrown on.
+void append_brief(const json& value, int levels, std::string& out) {
+    if (value.is_string()) {
+        const std::string& text = value.get_ref<const std::string&>();
+        out += json(text.substr(0, kQuoteChars + 1)).dump(-1, ' ', false, json::error_handler_t::replace);
+    } else if (value.is_array() || value.is_object()) {
+        bool object = value.is_object();
+        out += object ? '{' : '[';
+        if (levels == 0 && !value.empty()) out += "...";
+        for (auto it = value.begin(); levels > 0 && it != value.end() && out.size() <= kQuoteChars; ++it) {
+            if (it != value.begin()) out += ", ";
+            if (object) out += json(it.key().substr(0, kQuoteChars + 1)).dump(-1, ' ', false, json::error_handler_t::replace) + ": ";
+            append_brief(*it, levels - 1, out);
+        }
+        out += object ? '}' : ']';
+    } else {
+        out += value.dump();  // a number, true, false or null
+    }
+}
+
+// A JSON value as it appears in the file, cut short for a one-line message. Python's
+// reader (errors.py brief) writes the same text.
 std::string brief(const json& value) {
-    std::string s = value.dump(-1, ' ', false, json::error_handler_t::replace);
-    return s.size() <= 40 ? s : s.substr(0, 37) + "...";
+    std::string out;
+    append_brief(value, 3, out);
+    return cut(out);
 }
 
 std::string char_str(unsigned char ch) {
@@ -103,6 +132,82 @@ std::string char_str(unsigned char ch) {
 }
 
 // ---- the reader ----
+
+// Where the parser is, as a message key ("config.hidden_size", "weights.layers[1].wq"), kept
+// current by the parser's callback: a number the parser cannot hold is reported by its key.
+class KeyTracker {
+public:
+    void see(json::parse_event_t event, const json& parsed) {
+        switch (event) {
+            case json::parse_event_t::object_start: levels_.push_back({false, "", 0}); break;
+            case json::parse_event_t::array_start: levels_.push_back({true, "", 0}); break;
+            case json::parse_event_t::key: levels_.back().name = parsed.get_ref<const std::string&>(); break;
+            case json::parse_event_t::object_end:
+            case json::parse_event_t::array_end:
+                levels_.pop_back();
+                element_done();
+                break;
+            case json::parse_event_t::value: element_done(); break;
+        }
+    }
+
+    // The value being parsed: "(top level)", "config.hidden_size", "weights.layers[1]", ...
+    // Python's reader (modelfile.py) names keys the same way.
+    std::string key() const {
+        std::string key;
+        for (const Level& level : levels_) {
+            if (level.in_array) {
+                key += "[" + std::to_string(level.index) + "]";
+            } else {
+                key += (key.empty() ? "" : ".") + cut(level.name);
+            }
+        }
+        return key.empty() ? "(top level)" : key;
+    }
+
+private:
+    struct Level {
+        bool in_array;
+        std::string name;  // objects: the current member's key
+        size_t index;      // arrays: elements read so far, so the current one's index
+    };
+
+    void element_done() {
+        if (!levels_.empty() && levels_.back().in_array) levels_.back().index++;
+    }
+
+    std::vector<Level> levels_;
+};
+
+// The byte offset of the first '[' or '{' that opens a level deeper than kMaxJsonDepth,
+// strings skipped; npos if there is none. The scan is the same as Python's reader's
+// (modelfile.py _too_deep_at), so both refuse the same files: on text that is not JSON the
+// count may be off, and the parser then reports the syntax error.
+size_t too_deep_at(const std::string& text) {
+    const char* p = text.data();
+    size_t n = text.size();
+    int depth = 0;
+    for (size_t i = 0; i < n; i++) {
+        char ch = p[i];
+        if (ch == '[' || ch == '{') {
+            if (++depth > kMaxJsonDepth) return i;
+        } else if (ch == ']' || ch == '}') {
+            depth--;
+        } else if (ch == '"') {  // to the closing quote: one after an even number of backslashes
+            size_t from = i + 1;
+            for (;;) {
+                const void* quote = std::memchr(p + from, '"', n - from);
+                if (!quote) return std::string::npos;  // unterminated: the parser says so
+                size_t end = (const char*)quote - p, k = end;
+                while (k > i + 1 && p[k - 1] == '\\') k--;
+                from = end + 1;
+                if ((end - k) % 2 == 0) break;
+            }
+            i = from - 1;
+        }
+    }
+    return std::string::npos;
+}
 
 // A tensor entry whose dtype and shape have been read, not yet decoded.
 struct TensorEntry {
@@ -115,14 +220,27 @@ class Reader {
 public:
     explicit Reader(std::string path) : path_(std::move(path)) {}
 
-    ModelFile load() {
-        json root = parse();
+    std::string read_file() const {
+        std::error_code ec;
+        if (std::filesystem::is_directory(path_, ec)) throw ModelFileError(path_ + ": is a directory, not a model file");
+        std::ifstream f(path_, std::ios::binary);
+        if (!f) throw ModelFileError(path_ + ": cannot open model file: " + std::strerror(errno));
+        std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        if (f.bad()) throw ModelFileError(path_ + ": cannot read model file: " + std::strerror(errno));
+        return text;
+    }
+
+    ModelFile load(const std::string& text) {
+        json root = parse(text);
         if (!root.is_object()) fail("(top level)", "expected a JSON object, found " + brief(root));
         check_format_version(root);
         ModelFile file;
         file.config = read_config(root);
         file.weights = read_weights(root, file.config, file.tensors);
-        if (const json* inputs = find(root, "inputs")) file.inputs = read_inputs(*inputs, file.config);
+        if (const json* inputs = find(root, "inputs")) {
+            file.inputs = read_inputs(*inputs, file.config);
+            check_forward_memory(*file.inputs, file.config);
+        }
         return file;
     }
 
@@ -131,21 +249,35 @@ private:
         throw ModelFileError(path_ + ": " + key + ": " + what);
     }
 
-    json parse() const {
-        std::error_code ec;
-        if (std::filesystem::is_directory(path_, ec)) throw ModelFileError(path_ + ": is a directory, not a model file");
-        std::ifstream f(path_, std::ios::binary);
-        if (!f) throw ModelFileError(path_ + ": cannot open model file: " + std::strerror(errno));
-        std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-        if (f.bad()) throw ModelFileError(path_ + ": cannot read model file: " + std::strerror(errno));
+    json parse(const std::string& text) const {
         // nlohmann's parser takes a NUL byte for the end of the input: refuse it here, so a
         // file with junk after a NUL is not read as valid (JSON text never holds a raw NUL).
         size_t nul = text.find('\0');
         if (nul != std::string::npos) {
             throw ModelFileError(path_ + ": not valid JSON: NUL byte at offset " + std::to_string(nul));
         }
+        size_t too_deep = too_deep_at(text);
+        if (too_deep != std::string::npos) {
+            throw ModelFileError(path_ + ": not valid JSON: arrays and objects nested deeper than " +
+                                 std::to_string(kMaxJsonDepth) + " levels (at byte offset " + std::to_string(too_deep) + ")");
+        }
+        KeyTracker where;
         try {
-            return json::parse(text);
+            return json::parse(text, [&where](int, json::parse_event_t event, json& parsed) {
+                where.see(event, parsed);
+                return true;
+            });
+        } catch (const json::out_of_range& e) {
+            // 406: a number beyond a double's range, such as 1e999 or a 400-digit integer;
+            // e.what() ends "number overflow parsing '<the number>'"
+            std::string what = e.what();
+            const std::string parsing = "parsing '";
+            size_t start = what.find(parsing);
+            if (e.id != 406 || start == std::string::npos || what.back() != '\'') {
+                throw ModelFileError(path_ + ": " + where.key() + ": not valid JSON: " + cut(what));
+            }
+            start += parsing.size();
+            fail(where.key(), "number " + cut(what.substr(start, what.size() - 1 - start)) + " does not fit in a double");
         } catch (const json::parse_error& e) {
             // e.what() names the line and column: "... parse error at line 1, column 9: ...".
             // It also quotes the whole failing token, megabytes for a cut-off tensor: shorten that.
@@ -156,6 +288,8 @@ private:
                 what = what.substr(0, quote + last_read.size() + 40) + "...'";
             }
             throw ModelFileError(path_ + ": not valid JSON: " + what);
+        } catch (const json::exception& e) {
+            throw ModelFileError(path_ + ": not valid JSON: " + cut(e.what()));
         }
     }
 
@@ -192,24 +326,40 @@ private:
         return (int)n;
     }
 
-    // An optional positive finite number, `fallback` when absent.
-    double positive_number(const json& parent, const char* name, double fallback) const {
-        const json* value = find(parent, name);
-        if (!value) return fallback;
-        std::string key = join_key("config", name);
+    // An optional float hyperparameter within its range, the range's fallback when absent.
+    double float_config(const json& cfg, const FloatRange& range) const {
+        const json* value = find(cfg, range.name);
+        if (!value) return range.fallback;
+        std::string key = join_key("config", range.name);
         if (!value->is_number()) fail(key, "must be a number, found " + brief(*value));
-        double x = value->get<double>();
-        if (!std::isfinite(x) || x <= 0) fail(key, "must be positive and finite, found " + brief(*value));
-        return x;
+        if (!range.contains(value->get<double>())) {
+            fail(key, std::string("must be a number in ") + range.range + ", found " + brief(*value));
+        }
+        return value->get<double>();
     }
 
+    // A positive integer no larger than the newest version this reader knows. The parser
+    // keeps non-negative integers as uint64 and negative ones as int64: each is compared in
+    // its own type, so 2^64 - 1 or 2^63 cannot wrap to a small or negative number.
     void check_format_version(const json& root) const {
         const json* version = find(root, "format_version");
         if (!version) return;  // files from before versioning (the seed's) are version 1
-        if (!version->is_number_integer()) fail("format_version", "must be an integer, found " + brief(*version));
-        if (version->get<int64_t>() > kFormatVersion) {
-            fail("format_version", std::to_string(version->get<int64_t>()) + " is newer than this reader supports (" +
+        if (!version->is_number_unsigned() || version->get<uint64_t>() < 1) {
+            fail("format_version", "must be a positive integer, found " + brief(*version));
+        }
+        if (version->get<uint64_t>() > (uint64_t)kFormatVersion) {
+            fail("format_version", brief(*version) + " is newer than this reader supports (" +
                                        std::to_string(kFormatVersion) + "); update xvalid");
+        }
+    }
+
+    // A forward over the inputs must fit the memory limit (forward_memory.h). The kernel
+    // would otherwise allocate (B*S, V) logits and the rest for any batch the file declares.
+    void check_forward_memory(const Inputs& in, const Config& c) const {
+        std::string problem = forward_memory_problem(c, in.B, in.S, in.S, false);
+        if (!problem.empty()) {
+            fail("inputs.input_ids", "a forward over B=" + std::to_string(in.B) + " x S=" + std::to_string(in.S) +
+                                         " tokens " + problem);
         }
     }
 
@@ -223,8 +373,8 @@ private:
         c.num_kv_heads = required("num_key_value_heads");
         c.vocab_size = required("vocab_size");
         c.intermediate_size = required("intermediate_size");
-        c.rms_norm_eps = positive_number(cfg, "rms_norm_eps", 1e-5);
-        c.rope_theta = positive_number(cfg, "rope_theta", 1e6);
+        c.rms_norm_eps = float_config(cfg, kRmsNormEps);
+        c.rope_theta = float_config(cfg, kRopeTheta);
         // unknown until the RoPE tables are read when the config does not say
         const json* max_pos = find(cfg, "max_position_embeddings");
         c.max_position_embeddings = max_pos ? dimension(*max_pos, "config.max_position_embeddings") : 0;
@@ -440,6 +590,25 @@ static std::string printable(const std::string& text) {
 
 ModelFileError::ModelFileError(const std::string& message) : std::runtime_error(printable(message)) {}
 
-ModelFile load_model_file(const std::string& path) { return Reader(path).load(); }
+// A json::exception past the parser would be a check missing above: still one line, still
+// a ModelFileError.
+template <typename Load>
+static ModelFile guarded(const std::string& path, Load load) {
+    try {
+        return load();
+    } catch (const nlohmann::json::exception& e) {
+        throw ModelFileError(path + ": " + e.what());
+    }
+}
+
+ModelFile load_model_file(const std::string& path) {
+    Reader reader(path);
+    return guarded(path, [&] { return reader.load(reader.read_file()); });
+}
+
+ModelFile parse_model_file(const std::string& text, const std::string& path) {
+    Reader reader(path);
+    return guarded(path, [&] { return reader.load(text); });
+}
 
 }  // namespace xvalid
