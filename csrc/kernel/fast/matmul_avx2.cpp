@@ -37,6 +37,12 @@ struct Avx2 {
 
     // c (6, 16) with row stride ldc = (add ? c : 0) + a-panel . b-panel over kc.
     static void kernel(int kc, const float* a, const float* b, float* c, int ldc, bool add) {
+        // The C tile is read and written once, after the k loop: ask for its lines now, so
+        // the miss (C is often far bigger than L2) overlaps the arithmetic.
+        for (int i = 0; i < MR; i++) {
+            _mm_prefetch(reinterpret_cast<const char*>(c + (size_t)i * ldc), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(c + (size_t)i * ldc + NR - 1), _MM_HINT_T0);
+        }
         __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
         __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
         __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -68,8 +74,69 @@ struct Avx2 {
         _mm256_storeu_ps(c + 8, hi);
     }
 
+    // Packing transposes 8 x 8 blocks in registers: 8 loads of 8 consecutive k from 8 rows,
+    // 8 stores of 8 rows at one k. Tails (k % 8, missing rows) take the generic path.
+
+    // dst[k*MR + i] = A'[m0 + i][k0 + k], zero rows past `rows`.
+    static void pack_a_panel(float* dst, const float* A, int K, int m0, int rows, int k0, int kc,
+                             const float* row_scale, const float* col_scale) {
+        int k = 0;
+        for (; k + 8 <= kc; k += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                if (i >= rows || i >= MR) {
+                    r[i] = _mm256_setzero_ps();
+                    continue;
+                }
+                r[i] = _mm256_loadu_ps(A + (size_t)(m0 + i) * K + k0 + k);
+                if (row_scale) r[i] = _mm256_mul_ps(r[i], _mm256_set1_ps(row_scale[m0 + i]));
+                if (col_scale) r[i] = _mm256_mul_ps(r[i], _mm256_loadu_ps(col_scale + k0 + k));
+            }
+            transpose8(r);
+            for (int j = 0; j < 8; j++) {  // 6 of the 8 lanes: rows 0..5 at k + j
+                float* d = dst + (size_t)(k + j) * MR;
+                _mm_storeu_ps(d, _mm256_castps256_ps128(r[j]));
+                _mm_storel_pi(reinterpret_cast<__m64*>(d + 4), _mm256_extractf128_ps(r[j], 1));
+            }
+        }
+        if (k < kc) pack_a_panel_generic<MR>(dst + (size_t)k * MR, A, K, m0, rows, k0 + k, kc - k, row_scale, col_scale);
+    }
+    static_assert(MR <= 8, "pack_a_panel transposes 8 rows at a time");
+
+    // dst[k*NR + j] = rows[j][k0 + k], zero where rows[j] is null.
     static void pack_b_panel(float* dst, const float* const rows[NR], int k0, int kc) {
-        pack_b_panel_generic<NR>(dst, rows, k0, kc);
+        for (int h = 0; h < NR; h += 8) {
+            bool whole = true;
+            for (int j = 0; j < 8; j++) whole = whole && rows[h + j];
+            int k = 0;
+            if (whole) {
+                for (; k + 8 <= kc; k += 8) {
+                    __m256 r[8];
+                    for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(rows[h + j] + k0 + k);
+                    transpose8(r);
+                    for (int j = 0; j < 8; j++) _mm256_storeu_ps(dst + (size_t)(k + j) * NR + h, r[j]);
+                }
+            }
+            for (int j = 0; j < 8; j++)
+                for (int kk = k; kk < kc; kk++)
+                    dst[(size_t)kk * NR + h + j] = rows[h + j] ? rows[h + j][k0 + kk] : 0.0f;
+        }
+    }
+
+    // r[i][j] <- r[j][i] for an 8 x 8 block.
+    static inline void transpose8(__m256 r[8]) {
+        __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+        r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+        r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+        r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
     }
 
     // out[j] = silu(gate[j]) * up[j], j < n <= NR/2.

@@ -26,6 +26,10 @@ struct Portable {
                 c[(size_t)i * ldc + j] = add ? c[(size_t)i * ldc + j] + acc[i][j] : acc[i][j];
     }
 
+    static void pack_a_panel(float* dst, const float* A, int K, int m0, int rows, int k0, int kc,
+                             const float* row_scale, const float* col_scale) {
+        pack_a_panel_generic<MR>(dst, A, K, m0, rows, k0, kc, row_scale, col_scale);
+    }
     static void pack_b_panel(float* dst, const float* const rows[NR], int k0, int kc) {
         pack_b_panel_generic<NR>(dst, rows, k0, kc);
     }
