@@ -25,15 +25,20 @@ inline float hsum(__m256 v) {
 }
 
 struct Avx2 {
+    // Weight rows are prefetched this many floats ahead in the decode path (1 KB).
+    static constexpr int kPrefetchAhead = 256;
     // Tiles and blocks (floats). KC = 256: a B micro-panel is 256*16*4 = 16 KB, half of L1d,
     // and stays there while the A micro-panels (256*6*4 = 6 KB each) stream past it.
     // MC = 120 rows: the A slice the inner loops sweep is 120*256*4 = 120 KB, in L2 (512 KB).
     // NC = 512 columns: the packed B block is K*512*4 bytes (1 MB at K = 512, 2.9 MB at
     // K = 1408), in L2 + L3; A is repacked once per B block, ~1% of the flops at NC = 512.
     static constexpr int MR = 6, NR = 16, KC = 256, MC = 120, NC = 512;
-    // Decode path: M <= SMALL_M; A in chunks of GEMV_MM rows against 4 weight rows
-    // (2 x 4 = 8 accumulators, plus 4 weight vectors and one A vector).
-    static constexpr int SMALL_M = 4, GEMV_MM = 2;
+    // Decode path for M <= SMALL_M. Measured on Zen 3 (one thread, N, K = 512..1408): no
+    // packing is faster up to M = 8 (packing B costs N*K stores for only 2M flops per
+    // weight), packing from M = 12 on. A in chunks of up to GEMV_MM = 4 rows against a group of
+    // 4 weight rows: chunks of 1-3 rows take all 4 weight rows at once (4-12 accumulators),
+    // a chunk of 4 takes them 2 at a time (8 accumulators).
+    static constexpr int SMALL_M = 8, GEMV_MM = 4;
 
     // c (6, 16) with row stride ldc = (add ? c : 0) + a-panel . b-panel over kc.
     static void kernel(int kc, const float* a, const float* b, float* c, int ldc, bool add) {
@@ -139,22 +144,60 @@ struct Avx2 {
         r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
     }
 
-    // out[j] = silu(gate[j]) * up[j], j < n <= NR/2.
+    // out[j] = silu(gate[j]) * up[j], j < n <= NR/2 = 8: one vector when the panel is whole.
     static void swiglu_panel(float* out, const float* gate, const float* up, int n) {
-        for (int j = 0; j < n; j++) out[j] = silu_times(gate[j], up[j]);
+        if (n < 8) {
+            for (int j = 0; j < n; j++) out[j] = silu_times(gate[j], up[j]);
+            return;
+        }
+        __m256 z = _mm256_loadu_ps(gate);
+        __m256 sig_den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z)));
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_div_ps(z, sig_den), _mm256_loadu_ps(up)));
+    }
+
+    // exp(x) for 8 floats, within about 2 ulp of expf (Cephes' polynomial): x = n ln2 + r,
+    // |r| <= ln2/2, exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits.
+    // x is clamped to [-87.3, 88]: 2^n stays a normal float; silu(z) for |z| > 87 is z or
+    // about 0 either way. A NaN stays NaN through silu: z itself is the numerator.
+    static inline __m256 exp8(__m256 x) {
+        x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
+        __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+        r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+        __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     }
 
     // res[m][r] = A[m] . rows[r] (A row stride K) for m < MM, r < R; 8-wide FMA, MM*R
     // independent accumulators, the K % 8 tail in scalar.
     template <int MM, int R>
     static void dots(const float* A, int K, const float* const* rows, float (*res)[R]) {
+        if constexpr (MM == 4 && R == 4) {  // 16 accumulators would spill: two halves
+            float half[MM][2];
+            for (int h = 0; h < 2; h++) {
+                dots<MM, 2>(A, K, rows + 2 * h, half);
+                for (int m = 0; m < MM; m++) res[m][2 * h] = half[m][0], res[m][2 * h + 1] = half[m][1];
+            }
+            return;
+        }
         __m256 acc[MM][R];
         for (int m = 0; m < MM; m++)
             for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
         int k = 0;
         for (; k + 8 <= K; k += 8) {
             __m256 w[R];
-            for (int r = 0; r < R; r++) w[r] = _mm256_loadu_ps(rows[r] + k);
+            for (int r = 0; r < R; r++) {
+                _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetchAhead), _MM_HINT_T0);
+                w[r] = _mm256_loadu_ps(rows[r] + k);
+            }
             for (int m = 0; m < MM; m++) {
                 __m256 x = _mm256_loadu_ps(A + (size_t)m * K + k);
                 for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(x, w[r], acc[m][r]);
