@@ -299,15 +299,15 @@ struct Gemm {
         for (; n < n1; n++) gemv_group<1>(p, A, M, K, n);
     }
 
-    // R output features starting at n: plain rows n..n+R-1, or for SwiGLU the R/2... see below.
+    // Output features n .. n+R-1: R weight rows, or for SwiGLU R gate and R up rows, taken
+    // 2 features (4 rows) at a time, the same 4-row shape as the plain case.
     template <int R>
     static void gemv_group(const Problem& p, const float* A, int M, int K, int n) {
         if (p.swiglu()) {
-            // R features need 2R rows: dot R gate + R up rows, 2 features per 4-row call.
-            for (int f = 0; f < R; f += (R >= 2 ? 2 : 1)) {
-                if (R >= 2) gemv_swiglu_rows<2>(p, A, M, K, n + f);
-                else gemv_swiglu_rows<1>(p, A, M, K, n + f);
-            }
+            if constexpr (R % 2 == 0)
+                for (int f = 0; f < R; f += 2) gemv_swiglu_rows<2>(p, A, M, K, n + f);
+            else
+                for (int f = 0; f < R; f++) gemv_swiglu_rows<1>(p, A, M, K, n + f);
             return;
         }
         const float* rows[R];
