@@ -4,11 +4,13 @@ same thread count, and prints GFLOP/s (GB/s of weights for the decode rows) and 
 torch. Every variant is checked against a float64 reference before it is timed. The roofs are
 measured in the same run: torch's 2048^3 sgemm (compute) and a 256 MB copy (bandwidth).
 
-    .venv/bin/python scripts/matmul_lab.py [--threads 2] [--repeats 7] [--quick] [--best] [--lib PATH]
+    .venv/bin/python scripts/matmul_lab.py [--threads 2] [--repeats 7] [--quick] [--best]
+                                           [--threads 1 --cpu-time] [--lib PATH]
 
-Times are medians over repeats, torch and the fast code alternating so that noise hits both
-alike. On a shared machine a parallel region can wait a whole scheduler tick (4 ms) for a
-core; --best reports the fastest repeat instead, which filters that out.
+Times are medians of per-call times over repeats of back-to-back calls, torch and the fast
+code alternating run by run so that noise hits both alike (a median of single calls, because
+on a shared machine a parallel region now and then waits a whole 4 ms scheduler tick for a
+core). --best reports the fastest call instead.
 
 Without --lib the shared library is built with g++ into build/matmul-lab/ (the AVX2 unit with
 -mavx2 -mfma, the portable one without). XVALID_ISA=portable times the portable code.
@@ -84,30 +86,33 @@ def _ptr(a):
 
 
 STAT = statistics.median  # or min, with --best
+CLOCK = time.perf_counter  # or time.thread_time, with --cpu-time
 
 
-def median_seconds(fn, repeats: int, min_time: float = 0.02) -> float:
-    """STAT over `repeats` of the mean time per call, each repeat >= min_time long."""
+def call_times(fn, min_time: float = 0.03, min_calls: int = 3) -> list[float]:
+    """Seconds of each of back-to-back calls of fn, for at least min_time and min_calls.
+    Back to back, so OpenMP workers stay awake between calls as they do inside a forward."""
     fn()
+    times = []
     start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    inner = max(1, int(min_time / once))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - start) / inner)
-    return STAT(samples)
+    while len(times) < min_calls or time.perf_counter() - start < min_time:
+        t = CLOCK()
+        fn()
+        times.append(CLOCK() - t)
+    return times
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """STAT of the per-call times over `repeats` runs of back-to-back calls."""
+    return STAT([t for _ in range(repeats) for t in call_times(fn)])
 
 
 def timed_pair(ours, theirs, repeats):
-    """Both timed alternately (one repeat each in turn), so noise hits both alike."""
+    """Both timed alternately (one run of calls each in turn), so noise hits both alike."""
     t_ours, t_theirs = [], []
     for _ in range(repeats):
-        t_ours.append(median_seconds(ours, 1))
-        t_theirs.append(median_seconds(theirs, 1))
+        t_ours += call_times(ours)
+        t_theirs += call_times(theirs)
     return STAT(t_ours), STAT(t_theirs)
 
 
@@ -123,21 +128,29 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="M=2048 rows and decode only, 3 repeats")
-    parser.add_argument("--best", action="store_true", help="fastest repeat instead of the median")
+    parser.add_argument("--best", action="store_true", help="fastest call instead of the median")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time CPU seconds of the calling thread (needs --threads 1): "
+                             "immune to other processes on a shared machine")
     parser.add_argument("--lib", type=Path, help="a prebuilt libxvalid_fast_matmul.so")
     args = parser.parse_args()
     if args.threads < 1 or args.repeats < 1:
         print("error: --threads and --repeats must be >= 1", file=sys.stderr)
         return 2
+    if args.cpu_time and args.threads != 1:
+        print("error: --cpu-time measures one thread; use it with --threads 1", file=sys.stderr)
+        return 2
+    global CLOCK, STAT  # noqa: PLW0603 (the lab's two timing choices)
+    CLOCK = time.thread_time if args.cpu_time else time.perf_counter
     repeats = 3 if args.quick else args.repeats
-    global STAT
     STAT = min if args.best else statistics.median
     fast = FastMatmul(args.lib or build(ROOT / "build" / "matmul-lab"))
     n = args.threads
     torch.set_num_threads(n)
     rng = np.random.default_rng(0)
     print(f"threads {n} (torch {torch.__version__}: {torch.get_num_threads()}), isa {fast.isa}, "
-          f"{'best' if args.best else 'median'} of {repeats}")
+          f"{'best' if args.best else 'median'} of {repeats}"
+          f"{', CPU time' if args.cpu_time else ''}")
 
     # bandwidth roof: the larger of torch's (threaded) and numpy's copy of 256 MB,
     # counting bytes read + written
