@@ -192,6 +192,29 @@ struct Avx2 {
         for (int m = 0; m < MM; m++)
             for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
         int k = 0;
+        if constexpr (MM * R <= 4) {  // too few chains to hide FMA latency: a second set
+            __m256 acc2[MM][R];
+            for (int m = 0; m < MM; m++)
+                for (int r = 0; r < R; r++) acc2[m][r] = _mm256_setzero_ps();
+            for (; k + 16 <= K; k += 16) {
+                __m256 w[R], w2[R];
+                for (int r = 0; r < R; r++) {
+                    _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetchAhead), _MM_HINT_T0);
+                    w[r] = _mm256_loadu_ps(rows[r] + k);
+                    w2[r] = _mm256_loadu_ps(rows[r] + k + 8);
+                }
+                for (int m = 0; m < MM; m++) {
+                    __m256 x = _mm256_loadu_ps(A + (size_t)m * K + k);
+                    __m256 x2 = _mm256_loadu_ps(A + (size_t)m * K + k + 8);
+                    for (int r = 0; r < R; r++) {
+                        acc[m][r] = _mm256_fmadd_ps(x, w[r], acc[m][r]);
+                        acc2[m][r] = _mm256_fmadd_ps(x2, w2[r], acc2[m][r]);
+                    }
+                }
+            }
+            for (int m = 0; m < MM; m++)
+                for (int r = 0; r < R; r++) acc[m][r] = _mm256_add_ps(acc[m][r], acc2[m][r]);
+        }
         for (; k + 8 <= K; k += 8) {
             __m256 w[R];
             for (int r = 0; r < R; r++) {
