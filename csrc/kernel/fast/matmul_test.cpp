@@ -7,6 +7,11 @@
 //   matmul_test [expected-isa]     exit 0 all pass, 1 a mismatch, 2 bad usage
 // expected-isa ("avx2+fma" or "portable") checks what the dispatch chose, e.g. with
 // XVALID_ISA=portable in the environment.
+//
+// By hand (the AVX2 unit alone gets -mavx2 -mfma; add -fsanitize=address,undefined to all):
+//   g++ -std=c++17 -O2 -fopenmp -c matmul.cpp matmul_portable.cpp
+//   g++ -std=c++17 -O2 -fopenmp -mavx2 -mfma -c matmul_avx2.cpp
+//   g++ -std=c++17 -O2 -fopenmp matmul_test.cpp matmul.o matmul_portable.o matmul_avx2.o -o matmul_test
 #include <cmath>
 #include <cstdio>
 #include <cstring>
