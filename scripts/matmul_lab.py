@@ -47,6 +47,7 @@ def build(out_dir: Path) -> Path:
     flags = ["-std=c++17", "-O3", "-fopenmp", "-fPIC", "-Wall"]
     units = [("matmul.cpp", []), ("matmul_portable.cpp", []), ("matmul_capi.cpp", [])]
     if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-DXVALID_HAVE_AVX2=1")
         units.append(("matmul_avx2.cpp", ["-mavx2", "-mfma"]))
     objects = []
     for name, extra in units:

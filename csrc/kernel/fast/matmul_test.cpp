@@ -40,7 +40,7 @@ struct Impl {
 std::vector<Impl> implementations() {
     std::vector<Impl> impls{{"dispatch", matmul_nt, matmul_nt_swiglu},
                             {"portable", portable::matmul_nt, portable::matmul_nt_swiglu}};
-#if defined(__x86_64__) || defined(_M_X64)
+#ifdef XVALID_HAVE_AVX2  // the build compiled the AVX2 unit
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         impls.push_back({"avx2", avx2::matmul_nt, avx2::matmul_nt_swiglu});
