@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <memory>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
 
@@ -151,6 +153,12 @@ public:
         }
     }
 
+    // The name of the object member being parsed ("" in an array or at the top level).
+    const std::string& member() const {
+        static const std::string none;
+        return levels_.empty() || levels_.back().in_array ? none : levels_.back().name;
+    }
+
     // The value being parsed: "(top level)", "config.hidden_size", "weights.layers[1]", ...
     // Python's reader (modelfile.py) names keys the same way.
     std::string key() const {
@@ -179,59 +187,161 @@ private:
     std::vector<Level> levels_;
 };
 
-// The byte offset of the first '[' or '{' that opens a level deeper than kMaxJsonDepth,
-// strings skipped; npos if there is none. The scan is the same as Python's reader's
-// (modelfile.py _too_deep_at), so both refuse the same files: on text that is not JSON the
-// count may be off, and the parser then reports the syntax error.
-size_t too_deep_at(const std::string& text) {
-    const char* p = text.data();
-    size_t n = text.size();
-    int depth = 0;
-    for (size_t i = 0; i < n; i++) {
-        char ch = p[i];
-        if (ch == '[' || ch == '{') {
-            if (++depth > kMaxJsonDepth) return i;
-        } else if (ch == ']' || ch == '}') {
-            depth--;
-        } else if (ch == '"') {  // to the closing quote: one after an even number of backslashes
-            size_t from = i + 1;
-            for (;;) {
-                const void* quote = std::memchr(p + from, '"', n - from);
-                if (!quote) return std::string::npos;  // unterminated: the parser says so
-                size_t end = (const char*)quote - p, k = end;
-                while (k > i + 1 && p[k - 1] == '\\') k--;
-                from = end + 1;
-                if ((end - k) % 2 == 0) break;
+// The checks made on the raw text before it is parsed, fed in chunks (the text is never held
+// whole): the offset of the first NUL byte (nlohmann's parser would take it for the end), and
+// of the first '[' or '{' that opens a level deeper than kMaxJsonDepth, strings skipped. The
+// depth scan is the same as Python's reader's (modelfile.py _too_deep_at), so both refuse the
+// same files: a quote closes a string after an even number of backslashes; on text that is
+// not JSON the count may be off, and the parser then reports the syntax error.
+class TextScan {
+public:
+    static constexpr size_t npos = std::string::npos;
+    size_t nul_at = npos, too_deep_at = npos;
+
+    void feed(const char* p, size_t n) {
+        if (nul_at == npos) {
+            const void* nul = std::memchr(p, '\0', n);
+            if (nul) nul_at = offset_ + ((const char*)nul - p);
+        }
+        for (size_t i = 0; i < n && too_deep_at == npos;) {
+            if (in_string_) {
+                i = skip_string(p, n, i);
+                continue;
             }
-            i = from - 1;
+            char ch = p[i];
+            if (ch == '[' || ch == '{') {
+                if (++depth_ > kMaxJsonDepth) too_deep_at = offset_ + i;
+            } else if (ch == ']' || ch == '}') {
+                depth_--;
+            } else if (ch == '"') {
+                in_string_ = true;
+                backslashes_ = 0;
+            }
+            i++;
+        }
+        offset_ += n;
+    }
+
+private:
+    // Inside a string at p[i]: the index after its closing quote, or n (the string goes on).
+    size_t skip_string(const char* p, size_t n, size_t i) {
+        for (;;) {
+            const void* found = std::memchr(p + i, '"', n - i);
+            size_t end = found ? (const char*)found - p : n;
+            size_t k = end;  // backslashes right before `end`, carried over a chunk boundary
+            while (k > i && p[k - 1] == '\\') k--;
+            size_t run = (end - k) + (k == i ? backslashes_ : 0);
+            if (!found) {
+                backslashes_ = run;
+                return n;
+            }
+            backslashes_ = 0;
+            i = end + 1;
+            if (run % 2 == 0) {
+                in_string_ = false;
+                return i;
+            }
         }
     }
-    return std::string::npos;
-}
+
+    size_t offset_ = 0;
+    int depth_ = 0;
+    bool in_string_ = false;
+    size_t backslashes_ = 0;  // a string's backslashes right before the current position
+};
+
+// A file read in 1 MiB chunks, as an input iterator for nlohmann's parser: a 500 MB model
+// file is parsed without being held in memory.
+class FileChunks {
+public:
+    explicit FileChunks(std::FILE* file) : file_(file), buffer_(1 << 20) {}
+
+    bool next() {  // the next chunk into view(); false at the end of the file
+        size_ = std::fread(buffer_.data(), 1, buffer_.size(), file_);
+        pos_ = 0;
+        if (std::ferror(file_)) throw std::runtime_error(std::string("read error: ") + std::strerror(errno));
+        return size_ > 0;
+    }
+    const char* data() const { return buffer_.data(); }
+    size_t size() const { return size_; }
+
+    struct Iterator {
+        using iterator_category = std::input_iterator_tag;
+        using value_type = char;
+        using difference_type = std::ptrdiff_t;
+        using pointer = const char*;
+        using reference = const char&;
+        FileChunks* chunks;  // nullptr: the end
+        const char& operator*() const { return chunks->buffer_[chunks->pos_]; }
+        Iterator& operator++() {
+            if (++chunks->pos_ == chunks->size_ && !chunks->next()) chunks = nullptr;
+            return *this;
+        }
+        bool operator==(const Iterator& other) const { return chunks == other.chunks; }
+        bool operator!=(const Iterator& other) const { return chunks != other.chunks; }
+    };
+    Iterator begin() { return Iterator{next() ? this : nullptr}; }
+    static Iterator end() { return Iterator{nullptr}; }
+
+private:
+    std::FILE* file_;
+    std::vector<char> buffer_;
+    size_t size_ = 0, pos_ = 0;
+};
+
+// A "data" text decoded while the file is parsed, so the parsed document never holds the
+// base64 of the weights: it holds json::binary({}, index of this) instead. Only valid base64
+// of at least kDecodeWhileParsing characters is decoded early; anything else stays a string
+// and is checked (with its exact message) where the tensor is read.
+struct DecodedData {
+    std::vector<float> values;  // the bytes, in float-aligned storage: float32 tensors move out
+    size_t nbytes = 0;
+};
+constexpr size_t kDecodeWhileParsing = 4096;
 
 // A tensor entry whose dtype and shape have been read, not yet decoded.
 struct TensorEntry {
     std::string key;             // e.g. "weights.layers[1].wk"
     std::vector<int64_t> shape;  // each dimension in [0, kMaxDim]
-    const std::string* base64;   // the "data" text
+    const std::string* base64;   // the "data" text, or nullptr when it was decoded while parsing
+    DecodedData* decoded;        // then: its bytes
 };
 
 class Reader {
 public:
     explicit Reader(std::string path) : path_(std::move(path)) {}
 
-    std::string read_file() const {
+    // Loads the file at path_, streamed: it is scanned in chunks (NUL bytes, nesting depth),
+    // then parsed in chunks, tensor data decoded as it is parsed.
+    ModelFile load_file() {
         std::error_code ec;
         if (std::filesystem::is_directory(path_, ec)) throw ModelFileError(path_ + ": is a directory, not a model file");
-        std::ifstream f(path_, std::ios::binary);
-        if (!f) throw ModelFileError(path_ + ": cannot open model file: " + std::strerror(errno));
-        std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-        if (f.bad()) throw ModelFileError(path_ + ": cannot read model file: " + std::strerror(errno));
-        return text;
+        std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path_.c_str(), "rb"), std::fclose);
+        if (!file) throw ModelFileError(path_ + ": cannot open model file: " + std::strerror(errno));
+        try {
+            FileChunks chunks(file.get());
+            TextScan scan;
+            while (chunks.next()) scan.feed(chunks.data(), chunks.size());
+            check_scan(scan);
+            std::rewind(file.get());
+            FileChunks parse_chunks(file.get());
+            return load(parse(parse_chunks.begin(), FileChunks::end()));
+        } catch (const std::runtime_error& e) {
+            if (dynamic_cast<const ModelFileError*>(&e)) throw;
+            throw ModelFileError(path_ + ": cannot read model file: " + e.what());
+        }
     }
 
-    ModelFile load(const std::string& text) {
-        json root = parse(text);
+    // The same for a text already in memory.
+    ModelFile load_text(const std::string& text) {
+        TextScan scan;
+        scan.feed(text.data(), text.size());
+        check_scan(scan);
+        return load(parse(text.data(), text.data() + text.size()));
+    }
+
+private:
+    ModelFile load(const json& root) {
         if (!root.is_object()) fail("(top level)", "expected a JSON object, found " + brief(root));
         check_format_version(root);
         ModelFile file;
@@ -244,26 +354,45 @@ public:
         return file;
     }
 
-private:
     [[noreturn]] void fail(const std::string& key, const std::string& what) const {
         throw ModelFileError(path_ + ": " + key + ": " + what);
     }
 
-    json parse(const std::string& text) const {
+    void check_scan(const TextScan& scan) const {
         // nlohmann's parser takes a NUL byte for the end of the input: refuse it here, so a
         // file with junk after a NUL is not read as valid (JSON text never holds a raw NUL).
-        size_t nul = text.find('\0');
-        if (nul != std::string::npos) {
-            throw ModelFileError(path_ + ": not valid JSON: NUL byte at offset " + std::to_string(nul));
+        if (scan.nul_at != TextScan::npos) {
+            throw ModelFileError(path_ + ": not valid JSON: NUL byte at offset " + std::to_string(scan.nul_at));
         }
-        size_t too_deep = too_deep_at(text);
-        if (too_deep != std::string::npos) {
+        if (scan.too_deep_at != TextScan::npos) {
             throw ModelFileError(path_ + ": not valid JSON: arrays and objects nested deeper than " +
-                                 std::to_string(kMaxJsonDepth) + " levels (at byte offset " + std::to_string(too_deep) + ")");
+                                 std::to_string(kMaxJsonDepth) + " levels (at byte offset " +
+                                 std::to_string(scan.too_deep_at) + ")");
         }
+    }
+
+    // A long "data" string that is valid base64, decoded into decoded_ and replaced by a
+    // binary placeholder naming it; false (the string kept) otherwise.
+    bool decode_while_parsing(json& value) {
+        const std::string& text = value.get_ref<const std::string&>();
+        if (text.size() < kDecodeWhileParsing || text.size() % 4 != 0) return false;
+        DecodedData d;
+        d.nbytes = base64_decoded_size(text);
+        d.values.resize((d.nbytes + sizeof(float) - 1) / sizeof(float));
+        if (base64_decode(text, reinterpret_cast<uint8_t*>(d.values.data())) != std::string::npos) return false;
+        decoded_.push_back(std::move(d));
+        value = json::binary({}, decoded_.size() - 1);
+        return true;
+    }
+
+    template <typename Iterator>
+    json parse(Iterator first, Iterator last) {
         KeyTracker where;
         try {
-            return json::parse(text, [&where](int, json::parse_event_t event, json& parsed) {
+            return json::parse(first, last, [&](int, json::parse_event_t event, json& parsed) {
+                if (event == json::parse_event_t::value && parsed.is_string() && where.member() == "data") {
+                    decode_while_parsing(parsed);
+                }
                 where.see(event, parsed);
                 return true;
             });
@@ -435,7 +564,14 @@ private:
             }
             t.shape.push_back(d.get<int64_t>());
         }
-        t.base64 = &string_field("data");
+        const json& data = member(node, t.key, "data");
+        if (data.is_binary() && data.get_binary().has_subtype() && data.get_binary().subtype() < decoded_.size()) {
+            t.base64 = nullptr;
+            t.decoded = &decoded_[data.get_binary().subtype()];
+        } else {
+            t.base64 = &string_field("data");
+            t.decoded = nullptr;
+        }
         return t;
     }
 
@@ -451,19 +587,40 @@ private:
     std::vector<T> decode(const TensorEntry& t) const {
         size_t numel = 1;
         for (int64_t d : t.shape) numel *= (size_t)d;
+        if (t.decoded) return take_decoded<T>(t, numel);
         const std::string& text = *t.base64;
         if (text.size() % 4 != 0) fail(t.key, "invalid base64: length " + std::to_string(text.size()) + " is not a multiple of 4");
         size_t nbytes = base64_decoded_size(text);
-        if (nbytes != numel * sizeof(T)) {
-            fail(t.key, "data holds " + std::to_string(nbytes) + " bytes, shape " + shape_str(t.shape) + " needs " +
-                            std::to_string(numel * sizeof(T)));
-        }
+        expect_bytes(t, nbytes, numel * sizeof(T));
         std::vector<T> values(numel);
         size_t bad = base64_decode(text, reinterpret_cast<uint8_t*>(values.data()));
         if (bad != std::string::npos) {
             fail(t.key, "invalid base64 character " + char_str((unsigned char)text[bad]) + " at offset " + std::to_string(bad));
         }
         return values;
+    }
+
+    void expect_bytes(const TensorEntry& t, size_t nbytes, size_t needed) const {
+        if (nbytes != needed) {
+            fail(t.key, "data holds " + std::to_string(nbytes) + " bytes, shape " + shape_str(t.shape) + " needs " +
+                            std::to_string(needed));
+        }
+    }
+
+    // The bytes decoded while parsing, as T: float32 tensors take the buffer itself.
+    template <typename T>
+    std::vector<T> take_decoded(const TensorEntry& t, size_t numel) const {
+        expect_bytes(t, t.decoded->nbytes, numel * sizeof(T));
+        if constexpr (std::is_same_v<T, float>) {
+            std::vector<float> values = std::move(t.decoded->values);
+            values.resize(numel);
+            return values;
+        } else {
+            std::vector<T> values(numel);
+            std::memcpy(values.data(), t.decoded->values.data(), numel * sizeof(T));
+            t.decoded->values = {};
+            return values;
+        }
     }
 
     // A float32 tensor of the given shape, decoded into `tensors`; all elements finite.
@@ -568,6 +725,7 @@ private:
     }
 
     std::string path_;
+    mutable std::vector<DecodedData> decoded_;  // see DecodedData; emptied as tensors are read
 };
 
 }  // namespace
@@ -603,12 +761,12 @@ static ModelFile guarded(const std::string& path, Load load) {
 
 ModelFile load_model_file(const std::string& path) {
     Reader reader(path);
-    return guarded(path, [&] { return reader.load(reader.read_file()); });
+    return guarded(path, [&] { return reader.load_file(); });
 }
 
 ModelFile parse_model_file(const std::string& text, const std::string& path) {
     Reader reader(path);
-    return guarded(path, [&] { return reader.load(text); });
+    return guarded(path, [&] { return reader.load_text(text); });
 }
 
 }  // namespace xvalid
