@@ -45,6 +45,7 @@ FAIL_MODES = {
     "exit3": "print a message to stderr, exit 3, write nothing",
     "sleep": "sleep 60 s, then run normally",
     "short": "write the logits as raw float32, one float short",
+    "long": "write the logits as raw float32, one float too many",
     "none-written": "exit 0, write nothing",
     "two-files": "write the logits and a copy as extra.bin",
 }
@@ -210,16 +211,35 @@ def cast_tree(node, dtype):
     return np.asarray(node, dtype=dtype)
 
 
-def write_logits(path, logits, fmt, short=False):
-    """float32 (B,S,V): raw little-endian bytes (no header) or a .npy; short drops the last float."""
+def write_logits(path, logits, fmt, fail=None):
+    """float32 (B,S,V): raw little-endian bytes (no header) or a .npy; fail "short" drops the
+    last float, "long" appends one."""
     out = np.ascontiguousarray(logits, dtype="<f4")
     with open(path, "wb") as f:
-        if short:
+        if fail == "short":
             f.write(out.tobytes()[:-4])
+        elif fail == "long":
+            f.write(out.tobytes() + out.tobytes()[:4])
         elif fmt == "npy":
             np.save(f, out)          # a file object: np.save would append .npy to a path
         else:
             f.write(out.tobytes())
+
+
+def run_model(path, dtype="float64", bug=None, intermediates=True):
+    """The file's inputs through forward: logits (B,S,V) and {name: intermediate} (empty
+    unless asked for), in `dtype`. Tests call this in-process as an independent reference."""
+    model = read_model(path)
+    cfg = Config.from_json(model["config"])
+    dtype = np.dtype(dtype)
+    weights = cast_tree(model["weights"], dtype)
+    weights.setdefault("lm_head", weights["tok_embedding"])      # tied
+    cos, sin = (np.asarray(model["rope"][t], dtype=dtype) for t in ("cos", "sin"))
+    ids = np.asarray(model["inputs"]["input_ids"], dtype=np.int64)
+    mask = np.asarray(model["inputs"]["attention_mask"])
+    captured = {}
+    record = captured.__setitem__ if intermediates else (lambda name, a: None)
+    return forward(cfg, weights, cos, sin, ids, mask, bug, record), captured
 
 
 def parse_args(argv):
@@ -253,22 +273,10 @@ def main(argv=None):
     if args.fail == "sleep":
         time.sleep(60)
 
-    model = read_model(args.model)
-    cfg = Config.from_json(model["config"])
-    dtype = np.dtype(args.dtype)
-    weights = cast_tree(model["weights"], dtype)
-    weights.setdefault("lm_head", weights["tok_embedding"])      # tied
-    cos, sin = (np.asarray(model["rope"][t], dtype=dtype) for t in ("cos", "sin"))
-    ids = np.asarray(model["inputs"]["input_ids"], dtype=np.int64)
-    mask = np.asarray(model["inputs"]["attention_mask"])
-
-    captured = {}
-    record = (lambda name, a: None) if args.no_intermediates else captured.__setitem__
-    logits = forward(cfg, weights, cos, sin, ids, mask, args.bug, record)
-
+    logits, captured = run_model(args.model, args.dtype, args.bug, not args.no_intermediates)
     os.makedirs(args.out_dir, exist_ok=True)
     name = args.output_name or ("logits.npy" if args.format == "npy" else "logits.bin")
-    write_logits(os.path.join(args.out_dir, name), logits, args.format, short=args.fail == "short")
+    write_logits(os.path.join(args.out_dir, name), logits, args.format, args.fail)
     if args.fail == "two-files":
         write_logits(os.path.join(args.out_dir, "extra.bin"), logits, "raw")
     if captured:
