@@ -65,6 +65,7 @@ def test_broken_engine_fails_with_the_right_first_divergence(cli, tmp_path, bug_
     assert "reproduce: xvalid generate" in result.out and f"--bug {bug}" in result.out
     if bug == "nan":
         assert row["metrics"]["nonfinite"]["count"] == 1
+        assert row["metrics"]["max_abs"] == "inf"  # a NaN is infinitely far off, not NaN
         assert row["metrics"]["nonfinite"]["first"][:2] == [0, 7]
 
 

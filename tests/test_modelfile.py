@@ -23,13 +23,15 @@ def test_round_trip_keeps_every_tensor_and_the_config(tmp_path):
     cfg = ModelConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, vocab_size=50,
                       intermediate_size=70, num_hidden_layers=3, max_position_embeddings=20)
     mf = generate_model(cfg, batch_size=3, seq_len=6, seed=5, pad=2)
+    mf.weights.lm_head = mf.weights.tok_embedding[::-1].copy()  # untied: must survive too
     write_model(mf, tmp_path / "m.json")
     back = read_model(tmp_path / "m.json")
     assert back.config == cfg
     for a, b in [(mf.input_ids, back.input_ids), (mf.attention_mask, back.attention_mask),
                  (mf.rope_cos, back.rope_cos), (mf.rope_sin, back.rope_sin),
                  (mf.weights.tok_embedding, back.weights.tok_embedding),
-                 (mf.weights.final_rms, back.weights.final_rms)]:
+                 (mf.weights.final_rms, back.weights.final_rms),
+                 (mf.weights.lm_head, back.weights.lm_head)]:
         assert a.dtype == b.dtype and np.array_equal(a, b)
     for la, lb in zip(mf.weights.layers, back.weights.layers):
         for f in fields(LayerWeights):
@@ -148,6 +150,9 @@ CORRUPTIONS = {
                                    np.where(np.arange(192 * 64).reshape(192, 64) == 70, np.nan,
                                             0.01).astype(np.float32)),
                    "weights.layers[1].w_up: non-finite value nan at index [1, 6]"),
+    "Inf weight": (_replace_tensor('["weights"]["final_rms"]',
+                                   np.where(np.arange(64) == 9, -np.inf, 1.0).astype(np.float32)),
+                   "weights.final_rms: non-finite value -inf at index [9]"),
     "id out of range": (_replace_tensor('["inputs"]["input_ids"]',
                                         np.array([[1, 2, 3, 4, 5], [1, 2, 128, 4, 5]], np.int32)),
                         "id 128 at batch 1, position 2 is outside the vocabulary"),
@@ -191,6 +196,7 @@ CPP_NEEDLES = {
     "unknown dtype": "weights.tok_embedding: unknown dtype 'complex64'",
     "hex encoding": "weights.tok_embedding: encoding 'hex' not supported",
     "NaN weight": "weights.layers[1].w_up: element 70 (flat index) is nan",
+    "Inf weight": "weights.final_rms: element 9 (flat index) is -inf",
     "id out of range": "inputs.input_ids: id 128 at batch 1, position 2 is outside the vocabulary",
     "negative id": "inputs.input_ids: id -2 at batch 0, position 1",
     "mask value 2": "inputs.attention_mask: value 2 at batch 1, position 1",

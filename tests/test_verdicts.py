@@ -241,6 +241,8 @@ def test_with_rtol_a_flipped_decisive_row_fails(cli, fx, tmp_path, swap):
     metrics = engine_row(report)["metrics"]
     assert metrics["budget_used"] < 1
     assert metrics["top1"]["agree"] == (16 if swap else 17)
+    if not swap:  # every error is far below its |reference|: no atol needed on top of rtol
+        assert metrics["min_passing_atol"] == 0.0
 
 
 # ---- metric values -------------------------------------------------------------------------------
@@ -365,6 +367,8 @@ def test_an_engine_that_cannot_run_outranks_a_mismatch(cli, fx, tmp_path, error_
     assert report["verdict"] == "error" and report["exit_code"] == 3
     statuses = [engine_row(report, i)["status"] for i in (1, 2)]
     assert statuses == (["error", "fail"] if error_first else ["fail", "error"])
+    names = [engine_row(report, i)["name"] for i in (1, 2)]
+    assert f"verdict: ERROR ({', '.join(names)})" in result.out
 
 
 def test_inputs_that_are_all_padding_are_refused(cli, fx, tmp_path):
