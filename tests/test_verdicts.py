@@ -157,6 +157,7 @@ def test_default_tolerance_is_100x_the_float32_vs_float64_noise(cli, fx, tmp_pat
     assert tol["reference_noise"] == pytest.approx(fx.noise, rel=1e-6)
     assert tol["atol"] == pytest.approx(fx.atol, rel=1e-6)
     assert tol["atol"] == pytest.approx(100 * fx.noise, rel=1e-6)
+    assert tol["reference_absmax"] == pytest.approx(np.abs(fx.exact[fx.keep]).max(), rel=1e-6)
     # A correct float64 candidate uses a small share of the budget: about 1 x noise of 100.
     assert engine_row(report)["metrics"]["budget_used"] < 0.05
 
