@@ -203,7 +203,7 @@ CPP_NEEDLES = {
     "mask shape": "inputs.attention_mask: shape [2, 4] differs from input_ids' [2, 5]",
     "format version 2": "format_version: 2 is newer than this reader supports",
     "absurd hidden": "config.hidden_size: 1000000000 exceeds the supported maximum",
-    "absurd tensor shape": "weights.tok_embedding: shape [1099511627776,1099511627776]",
+    "absurd tensor shape": "weights.tok_embedding: shape [1099511627776, 1099511627776]",
     "heads do not divide": "config.num_attention_heads: 7 does not divide hidden_size 64",
     "string config": "config.vocab_size: must be a positive integer",
     "layer count": "weights.layers: expected a list of num_hidden_layers = 2 layers, found 1",
