@@ -26,12 +26,12 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr int kFormatVersion = 1;  // the newest "format_version" this reader understands
+using spec::kFormatVersion;  // the newest "format_version" this reader understands
 
-// dtype names a model file may carry. Any of them other than the one a tensor needs is
-// "not supported yet"; anything else is an unknown dtype.
-constexpr const char* kKnownDtypes[] = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn",
-                                        "float8_e5m2", "int8", "uint8", "int16", "int32", "int64", "bool"};
+bool is_reserved_dtype(const std::string& name) {
+    return std::any_of(std::begin(spec::kReservedDtypes), std::end(spec::kReservedDtypes),
+                       [&](const char* d) { return name == d; });
+}
 
 // ---- base64: RFC 4648 standard alphabet, padded, no whitespace ----
 
@@ -94,6 +94,9 @@ constexpr size_t kQuoteChars = 40;
 std::string cut(const std::string& text) {
     return text.size() <= kQuoteChars ? text : text.substr(0, kQuoteChars - 3) + "...";
 }
+
+// A string as Python's repr() writes it in the Python reader's messages: 'text'.
+std::string quoted(const std::string& text) { return "'" + cut(text) + "'"; }
 
 // Appends `value` as JSON to `out`, walking at most `levels` levels of arrays and objects
 // and stopping once `out` is longer than kQuoteChars: the cost is bounded however deep or
@@ -344,13 +347,13 @@ private:
     ModelFile load(const json& root) {
         if (!root.is_object()) fail("(top level)", "expected a JSON object, found " + brief(root));
         check_format_version(root);
+        for (const char* section : spec::kRequiredSections) object_member(root, "", section);
         ModelFile file;
         file.config = read_config(root);
         file.weights = read_weights(root, file.config, file.tensors);
-        if (const json* inputs = find(root, "inputs")) {
-            file.inputs = read_inputs(*inputs, file.config);
-            check_forward_memory(*file.inputs, file.config);
-        }
+        // required, as in the Python reader: every command runs the file's own inputs
+        file.inputs = read_inputs(object_member(root, "", "inputs"), file.config);
+        check_forward_memory(*file.inputs, file.config);
         return file;
     }
 
@@ -548,13 +551,18 @@ private:
             if (!value.is_string()) fail(t.key, std::string(field) + " must be a string, found " + brief(value));
             return value.get_ref<const std::string&>();
         };
-        const std::string& encoding = string_field("encoding");
-        if (encoding != "base64") fail(t.key, "encoding '" + encoding + "' not supported (expected base64)");
+        // absent (or null) means base64, the only encoding (docs/model-format.md)
+        if (const json* encoding = find(node, "encoding"); encoding && *encoding != "base64") {
+            fail(t.key, "encoding expected 'base64', found " +
+                            (encoding->is_string() ? quoted(encoding->get_ref<const std::string&>()) : brief(*encoding)));
+        }
         const std::string& found = string_field("dtype");
-        if (found != dtype) {
-            bool known = std::any_of(std::begin(kKnownDtypes), std::end(kKnownDtypes), [&](const char* d) { return found == d; });
-            fail(t.key, (known ? "dtype " + found + " not supported yet" : "unknown dtype '" + found + "'") +
-                            " (expected " + dtype + ")");
+        if (found != dtype) {  // the Python reader's messages (modelfile.py decode_tensor)
+            if (is_reserved_dtype(found)) {
+                fail(t.key, "dtype " + found + " is not supported yet (format version " + std::to_string(kFormatVersion) +
+                                " reads " + dtype + " here)");
+            }
+            fail(t.key, std::string("dtype expected ") + dtype + ", found " + quoted(found));
         }
         const json& shape = member(node, t.key, "shape");
         if (!shape.is_array()) fail(t.key, "shape must be a list of integers, found " + brief(shape));

@@ -33,22 +33,19 @@ from .errors import ConfigError, InputError, ModelFileError, brief, cut
 from .files import atomic_write
 from .memory import check_forward_memory
 
-FORMAT_NAME = "xvalid-model"
-FORMAT_VERSION = 1
+from .formatspec import (FORMAT_NAME, FORMAT_VERSION, MAX_JSON_DEPTH,  # noqa: F401
+                         RESERVED_DTYPES, REQUIRED_CONFIG, REQUIRED_SECTIONS,
+                         STORAGE_DTYPES_SPEC)
+
 PREVIEW_LEN = 16
-# Arrays and objects may be nested at most this deep (the C++ loader's limit too). A model
-# file needs 6 levels; deeper text is refused before it is parsed.
-MAX_JSON_DEPTH = 64
+# MAX_JSON_DEPTH: arrays and objects may be nested at most this deep (the C++ loader's limit
+# too). A model file needs 6 levels; deeper text is refused before it is parsed.
 
 # Storage dtypes: the `dtype` field names how the raw little-endian bytes are laid out.
-# Version 1 computes in float32; the other float and quantised types are reserved names so
-# that later versions can add them without changing how version-1 files are read.
-STORAGE_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype("<f4"),
-    "int32": np.dtype("<i4"),
-    "uint8": np.dtype("u1"),
-}
-RESERVED_DTYPES = ("float16", "bfloat16", "int8", "int4", "float8_e4m3", "float8_e5m2")
+# Version 1 computes in float32; the reserved names (RESERVED_DTYPES) let later versions add
+# other float and quantised types without changing how version-1 files are read.
+STORAGE_DTYPES: dict[str, np.dtype] = {name: np.dtype(d["numpy"])
+                                       for name, d in STORAGE_DTYPES_SPEC.items()}
 
 
 @dataclass
@@ -208,8 +205,7 @@ def _section(doc: dict, key: str) -> dict:
 
 def _read_config(doc: dict) -> ModelConfig:
     raw = _section(doc, "config")
-    for required in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size", "intermediate_size"):
+    for required in REQUIRED_CONFIG:
         if raw.get(required) is None:
             raise ModelFileError(f"config.{required}: missing")
     raw = {k: v for k, v in raw.items() if v is not None}  # null means absent (as in HF configs)
@@ -309,6 +305,8 @@ def parse_model(doc: Any) -> ModelFile:
     if version > FORMAT_VERSION:
         raise ModelFileError(f"format_version: {version} is newer than this reader supports "
                              f"({FORMAT_VERSION}); update xvalid")
+    for section in REQUIRED_SECTIONS:
+        _section(doc, section)
     cfg = _read_config(doc)
     rope = _section(doc, "rope")
     table = (cfg.max_position_embeddings, cfg.head_dim)
