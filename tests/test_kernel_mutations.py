@@ -95,6 +95,7 @@ def kernel_tree(tmp_path_factory):
     shutil.copy(REPO / "CMakeLists.txt", src)
     shutil.copytree(REPO / "cmake", src / "cmake")
     shutil.copytree(REPO / "csrc", src / "csrc")
+    shutil.copytree(REPO / "python" / "xvalid" / "schemas", src / "python" / "xvalid" / "schemas")  # the format
     cmake = str(TOOLS / "cmake") if (TOOLS / "cmake").exists() else "cmake"
     subprocess.run([cmake, "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Debug",  # -O0: the fastest rebuilds
                     f"-DPython_EXECUTABLE={sys.executable}",

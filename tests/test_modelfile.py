@@ -51,7 +51,8 @@ def test_rope_tables_follow_the_spec(tmp_path):
 def test_layout_doc_reader_reads_a_generated_file(tmp_path):
     """The numpy snippet in docs/model-format.md, run as written, reads our file."""
     doc = (ENGINES.parent.parent / "docs" / "model-format.md").read_text()
-    snippet = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    snippets = [part.split("```", 1)[0] for part in doc.split("```python\n")[1:]]
+    snippet = next(text for text in snippets if "model.json" in text)
     path = tmp_path / "m.json"
     write_model(generate_model(ModelConfig(), seq_len=5), path)
     scope = {"__name__": "doc"}
