@@ -225,10 +225,10 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, 
                           threads=threads, warmup=warmup, repeat=repeat,
                           intermediates=intermediates, argv=_compare_argv(ctx))
     with stderr_console.status("comparing", spinner="dots") as status:
-        report = run_compare(model, opts, progress=lambda text: status.update(text))
-    arrays = report.pop("_arrays")
+        result = run_compare(model, opts, progress=lambda text: status.update(text))
+    report = result.report
     if save_logits is not None:  # candidate names are file-name safe ([A-Za-z0-9_.-])
-        save_arrays(save_logits, arrays)
+        save_arrays(save_logits, result.arrays)
     json_to_stdout = json_path == Path("-")
     if json_path is not None:
         text = report_json(report)
