@@ -31,23 +31,25 @@ def _median_ms(fn, repeat: int) -> tuple[float, list[float]]:
     return statistics.median(samples), samples
 
 
-def measure_roofs(threads: int | None = None, repeat: int = 5) -> dict:
+def measure_roofs(threads: int | None = None, repeat: int = 5, gemm_n: int = GEMM_N,
+                  copy_floats: int = COPY_FLOATS) -> dict:
     """{threads, sgemm_gflops, copy_gbs, sgemm_ms, copy_ms} (the samples in ms) at `threads`
-    (None: torch's current setting, left unchanged)."""
+    (None: torch's current setting, left unchanged). The sizes are for tests only: smaller
+    ones measure caches, not the machine."""
     import torch
 
     if threads is not None:
         torch.set_num_threads(threads)
-    a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
+    a, b = torch.randn(gemm_n, gemm_n), torch.randn(gemm_n, gemm_n)
     gemm_ms, gemm_samples = _median_ms(lambda: torch.mm(a, b), repeat)
     del a, b
-    src = torch.randn(COPY_FLOATS)
+    src = torch.randn(copy_floats)
     dst = torch.empty_like(src)
     copy_ms, copy_samples = _median_ms(lambda: dst.copy_(src), repeat)
     del src, dst
     return {"threads": torch.get_num_threads(),
-            "sgemm_gflops": 2 * GEMM_N ** 3 / gemm_ms * 1e-6,
-            "copy_gbs": 2 * COPY_FLOATS * 4 / copy_ms * 1e-6,  # read + write
+            "sgemm_gflops": 2 * gemm_n ** 3 / gemm_ms * 1e-6,
+            "copy_gbs": 2 * copy_floats * 4 / copy_ms * 1e-6,  # read + write
             "sgemm_ms": gemm_samples, "copy_ms": copy_samples}
 
 
