@@ -8,14 +8,16 @@ runs=${1:-3}
 model=$(mktemp -d)/tiny.json
 .venv/bin/xvalid generate -o "$model" > /dev/null
 .venv/bin/xvalid compare "$model" -q > /dev/null   # build anything pending first
-echo "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p')"
-for label in "touch csrc/kernel/ops.cpp, then compare" "compare, nothing changed"; do
+echo "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), load $(cut -d' ' -f1-3 /proc/loadavg)"
+for label in "touch csrc/kernel/ops.cpp (clear kernel)" "touch csrc/kernel/fast/simd_ops.cpp (fast kernel)" \
+             "touch csrc/kernel/transformer.cpp (the forward)" "nothing changed"; do
+  file=$(echo "$label" | sed -n 's/^touch \([^ ]*\).*/\1/p')
   times=()
   for _ in $(seq "$runs"); do
-    [[ $label == touch* ]] && touch csrc/kernel/ops.cpp
+    [[ -n $file ]] && touch "$file"
     start=$(date +%s.%N)
     .venv/bin/xvalid compare "$model" -q > /dev/null
     times+=("$(echo "$(date +%s.%N) - $start" | bc)")
   done
-  printf '%s: %s s\n' "$label" "$(printf '%.2f ' "${times[@]}")"
+  printf '%s, then compare -q: %s s\n' "$label" "$(printf '%.2f ' "${times[@]}")"
 done

@@ -64,7 +64,7 @@ def make_model(tmp: Path, preset: str, B: int, S: int, name: str):
     return mf, path
 
 
-def prefill_case(tmp, preset, B, S, threads, repeat) -> dict:
+def prefill_case(tmp, preset, B, S, threads, repeat, profile=False) -> dict:
     mf, path = make_model(tmp, preset, B, S, f"{preset}-b{B}-s{S}")
     torch_b, cpp = TorchBackend(mf), CppBackend(path)
     torch_b.set_threads(threads)
@@ -73,11 +73,25 @@ def prefill_case(tmp, preset, B, S, threads, repeat) -> dict:
     timed = alternate({"torch": lambda: torch_b.forward(ids, mask),
                        "cpp": lambda: cpp.forward(ids, mask)}, repeat)
     flops = forward_flops(mf.config, B, S)
-    return {"case": f"{preset} B{B} S{S} prefill", "torch_ms": timed["torch"][0],
-            "cpp_ms": timed["cpp"][0], "ratio": timed["torch"][0] / timed["cpp"][0],
-            "cpp_gflops": flops / timed["cpp"][0] * 1e-6,
-            "torch_gflops": flops / timed["torch"][0] * 1e-6,
-            "samples": {k: v[1] for k, v in timed.items()}}
+    result = {"case": f"{preset} B{B} S{S} prefill", "torch_ms": timed["torch"][0],
+              "cpp_ms": timed["cpp"][0], "ratio": timed["torch"][0] / timed["cpp"][0],
+              "cpp_gflops": flops / timed["cpp"][0] * 1e-6,
+              "torch_gflops": flops / timed["torch"][0] * 1e-6,
+              "samples": {k: v[1] for k, v in timed.items()}}
+    if profile:
+        result["profile"] = cpp.profile(ids, mask, repeat=3)
+    return result
+
+
+def profile_markdown(rows: list[dict], title: str) -> str:
+    total = sum(r["seconds"] for r in rows)
+    lines = [f"Per-op profile of the fast kernel, {title} (3 forwards):", "",
+             "| op | calls | ms per forward | share | GFLOP/s | GB/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['calls'] // 3} | {r['seconds'] / 3 * 1e3:.2f} | "
+                     f"{100 * r['seconds'] / total:.1f}% | {r['flops'] / r['seconds'] * 1e-9:.1f} | "
+                     f"{r['bytes'] / r['seconds'] * 1e-9:.1f} |")
+    return "\n".join(lines)
 
 
 def decode_case(tmp, preset, context, steps, threads, repeat) -> dict:
@@ -208,7 +222,8 @@ def main() -> None:
                  ("decode", lambda: decode_case(tmp, "minimind2-small", 128, 32, args.threads, args.repeat))]
         if "b4" not in skip:
             steps.append(("prefill_small_b4",
-                          lambda: prefill_case(tmp, "minimind2-small", 4, 512, args.threads, max(3, args.repeat // 2))))
+                          lambda: prefill_case(tmp, "minimind2-small", 4, 512, args.threads,
+                                               max(3, args.repeat // 2), profile=True)))
         if "memory" not in skip:
             steps.append(("memory", lambda: runner_memory_case(tmp)))
         if "dev_loop" not in skip:
@@ -227,6 +242,9 @@ def main() -> None:
         cases["prefill_small_b4"] = {"torch_ms": float("nan"), "cpp_ms": float("nan"),
                                      "ratio": float("nan"), "cpp_gflops": float("nan")}
     print(markdown(results))
+    if "profile" in cases["prefill_small_b4"]:
+        print()
+        print(profile_markdown(cases["prefill_small_b4"]["profile"], "minimind2-small B4 S512"))
 
 
 if __name__ == "__main__":

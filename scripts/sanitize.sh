@@ -41,13 +41,16 @@ done
 
 echo "sanitize: binding tests against the sanitized module" >&2
 # A copy of the package with the sanitized _core, imported without the editable install's
-# redirect (python -S: no .pth files), the ASan runtime preloaded (Python itself is not
-# instrumented, so its own allocations are not leak-checked).
+# redirect (python -S: no .pth files), the ASan runtime preloaded with libstdc++ (Python itself
+# is not linked to it, and ASan must see it to intercept C++ throws; Python is not
+# instrumented, so its own allocations are not leak-checked). -s: a sanitizer report goes to
+# the terminal, not into pytest's captured output.
 mkdir -p "$tmp/pkg"
 cp -r python/xvalid "$tmp/pkg/xvalid"
 cp "$build"/_core*.so "$tmp/pkg/xvalid/"
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
-  PYTHONPATH="$tmp/pkg:$site" XVALID_RUN="$PWD/$build/xvalid-run" \
-  "$venv/bin/python" -S -m pytest tests/test_core_bindings.py -q -p no:cacheprovider -x
+LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libstdc++.so)" \
+  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 PYTHONPATH="$tmp/pkg:$site" \
+  XVALID_RUN="$PWD/$build/xvalid-run" \
+  "$venv/bin/python" -S -m pytest tests/test_core_bindings.py -q -s -p no:cacheprovider -x
 echo "sanitize: clean" >&2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ENGINES = Path(__file__).parent / "engines"
+REPO = Path(__file__).resolve().parents[1]
 
 FLAG_NAMES = {"hidden", "layers", "heads", "kv_heads", "vocab", "intermediate", "max_pos",
               "rope_theta", "eps", "seq_len", "batch_size", "pad", "pad_len", "seed", "init_std",
@@ -24,6 +26,16 @@ def run_xvalid(*args: str, timeout: float = 600, check: bool = False) -> subproc
         raise AssertionError(f"xvalid {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def find_runner() -> str | None:
+    """The standalone runner xvalid-run: XVALID_RUN, else the one installed beside this Python
+    (an editable install's is a launcher for the build tree's runner), else xvalid-run on
+    PATH, else the newest plain cmake build in build/*/."""
+    candidates = [os.environ.get("XVALID_RUN"), str(Path(sys.executable).parent / "xvalid-run"),
+                  shutil.which("xvalid-run")]
+    candidates += sorted(map(str, REPO.glob("build/*/xvalid-run")), key=os.path.getmtime, reverse=True)
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
 def generate_flags(**flags) -> list[str]:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import find_runner
 from xvalid import _core
 
 REPO = Path(__file__).resolve().parents[1]
@@ -410,16 +408,6 @@ def test_batch_may_change_after_reset(model):
 
 
 # ---- the standalone runner -----------------------------------------------------------
-
-def find_runner() -> str | None:
-    """XVALID_RUN, else the one installed beside this Python (an editable install's is a
-    launcher for the build tree's runner), else xvalid-run on PATH, else the newest plain
-    cmake build in build/*/."""
-    candidates = [os.environ.get("XVALID_RUN"), str(Path(sys.executable).parent / "xvalid-run"),
-                  shutil.which("xvalid-run")]
-    candidates += sorted(map(str, REPO.glob("build/*/xvalid-run")), key=os.path.getmtime, reverse=True)
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
 
 RUNNER = find_runner()
 needs_runner = pytest.mark.skipif(RUNNER is None, reason="xvalid-run not built (pip install the package, or "

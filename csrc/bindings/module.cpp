@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "io/forward_memory.h"
+#include "io/limits.h"
 #include "io/model_file.h"
 #include "kernel/ops.h"
 #include "kernel/transformer.h"
@@ -152,6 +154,7 @@ public:
         {
             py::gil_scoped_release no_gil;
             std::lock_guard<std::mutex> lock(mutex_);
+            check_forward_memory(in, from_start ? 0 : transformer_.cache_len(), capture);
             xvalid::Intermediates* sink = capture ? &captured : nullptr;
             const float* out = from_start ? transformer_.forward(in, sink) : transformer_.step(in);
             logits.assign(out, out + (size_t)in.B * in.T * file_.config.vocab_size);
@@ -171,6 +174,17 @@ public:
     }
 
 private:
+    // Refuses, before the kernel allocates anything, a call whose forward would need more
+    // memory than the limit (forward_memory.h).
+    void check_forward_memory(const xvalid::StepInput& in, int64_t cached, bool capture) const {
+        std::string problem = xvalid::forward_memory_problem(file_.config, in.B, in.T, cached + in.T, capture);
+        if (!problem.empty()) {
+            throw xvalid::InputError("input_ids (" + std::to_string(in.B) + ", " + std::to_string(in.T) + ")" +
+                                     (cached ? " after " + std::to_string(cached) + " cached position" + (cached == 1 ? "" : "s") : "") + ": " +
+                                     problem);
+        }
+    }
+
     const xvalid::Inputs& inputs() const {
         if (!file_.inputs) throw xvalid::ModelFileError(path_ + ": inputs: missing from the model file");
         return *file_.inputs;
@@ -226,6 +240,18 @@ PYBIND11_MODULE(_core, m) {
     m.def("kernels", &xvalid::kernel_names, "Names of the kernels a Model can use; the first is the default.");
     m.def("set_num_threads", &xvalid::set_num_threads, py::arg("n"), "Threads for the kernel (OpenMP).");
     m.def("get_num_threads", &xvalid::get_num_threads, "Threads the kernel uses (1 without OpenMP).");
+    m.def("limits", []() {
+        py::dict d;
+        d["max_dim"] = xvalid::kMaxDim;
+        d["max_json_depth"] = xvalid::kMaxJsonDepth;
+        for (const xvalid::FloatRange& r : xvalid::kFloatConfig) {
+            d[r.name] = py::dict(py::arg("low") = r.low, py::arg("high") = r.high, py::arg("low_included") = r.low_included,
+                                 py::arg("high_included") = r.high_included, py::arg("default") = r.fallback);
+        }
+        d["memory_limit_mib"] = xvalid::memory_limit_mib();
+        return d;
+    }, "The loader's limits (docs/model-format.md): max_dim, max_json_depth, the float config\n"
+       "ranges, memory_limit_mib (XVALID_MEMORY_LIMIT_MB, else half the machine's memory).");
     m.def("build_info", []() {
         py::dict d;
         d["compiler"] = XVALID_COMPILER;

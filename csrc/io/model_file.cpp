@@ -9,8 +9,13 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <memory>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
+
+#include "forward_memory.h"
+#include "limits.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "model files hold little-endian tensors; this reader copies them as they are"
@@ -20,11 +25,6 @@ namespace xvalid {
 namespace {
 
 using json = nlohmann::json;
-
-// Every config size and every tensor dimension must be at most this. Sizes derived from
-// them (products of two or three) then fit in int64 and the kernel's int dimensions, and
-// a typo like hidden_size = 10^9 is an error instead of a giant allocation.
-constexpr int64_t kMaxDim = int64_t(1) << 24;
 
 constexpr int kFormatVersion = 1;  // the newest "format_version" this reader understands
 
@@ -88,11 +88,42 @@ std::string shape_str(const std::vector<int64_t>& shape) {
     return s + "]";
 }
 
-// A JSON value as it appears in the file, cut short for a one-line message.
-// (Invalid UTF-8 in a string is replaced rather than thrown on: the file may be hostile.)
+// Text quoted from the file is cut to this many characters ("..." ending the cut).
+constexpr size_t kQuoteChars = 40;
+
+std::string cut(const std::string& text) {
+    return text.size() <= kQuoteChars ? text : text.substr(0, kQuoteChars - 3) + "...";
+}
+
+// Appends `value` as JSON to `out`, walking at most `levels` levels of arrays and objects
+// and stopping once `out` is longer than kQuoteChars: the cost is bounded however deep or
+// large the value. (A full dump() recurses once per level, and a hostile file can nest
+// 100000 levels.) Invalid UTF-8 in a string is replaced rather than thrown on.
+void append_brief(const json& value, int levels, std::string& out) {
+    if (value.is_string()) {
+        const std::string& text = value.get_ref<const std::string&>();
+        out += json(text.substr(0, kQuoteChars + 1)).dump(-1, ' ', false, json::error_handler_t::replace);
+    } else if (value.is_array() || value.is_object()) {
+        bool object = value.is_object();
+        out += object ? '{' : '[';
+        if (levels == 0 && !value.empty()) out += "...";
+        for (auto it = value.begin(); levels > 0 && it != value.end() && out.size() <= kQuoteChars; ++it) {
+            if (it != value.begin()) out += ", ";
+            if (object) out += json(it.key().substr(0, kQuoteChars + 1)).dump(-1, ' ', false, json::error_handler_t::replace) + ": ";
+            append_brief(*it, levels - 1, out);
+        }
+        out += object ? '}' : ']';
+    } else {
+        out += value.dump();  // a number, true, false or null
+    }
+}
+
+// A JSON value as it appears in the file, cut short for a one-line message. Python's
+// reader (errors.py brief) writes the same text.
 std::string brief(const json& value) {
-    std::string s = value.dump(-1, ' ', false, json::error_handler_t::replace);
-    return s.size() <= 40 ? s : s.substr(0, 37) + "...";
+    std::string out;
+    append_brief(value, 3, out);
+    return cut(out);
 }
 
 std::string char_str(unsigned char ch) {
@@ -104,48 +135,278 @@ std::string char_str(unsigned char ch) {
 
 // ---- the reader ----
 
+// Where the parser is, as a message key ("config.hidden_size", "weights.layers[1].wq"), kept
+// current by the parser's callback: a number the parser cannot hold is reported by its key.
+class KeyTracker {
+public:
+    void see(json::parse_event_t event, const json& parsed) {
+        switch (event) {
+            case json::parse_event_t::object_start: levels_.push_back({false, "", 0}); break;
+            case json::parse_event_t::array_start: levels_.push_back({true, "", 0}); break;
+            case json::parse_event_t::key: levels_.back().name = parsed.get_ref<const std::string&>(); break;
+            case json::parse_event_t::object_end:
+            case json::parse_event_t::array_end:
+                levels_.pop_back();
+                element_done();
+                break;
+            case json::parse_event_t::value: element_done(); break;
+        }
+    }
+
+    // The name of the object member being parsed ("" in an array or at the top level).
+    const std::string& member() const {
+        static const std::string none;
+        return levels_.empty() || levels_.back().in_array ? none : levels_.back().name;
+    }
+
+    // The value being parsed: "(top level)", "config.hidden_size", "weights.layers[1]", ...
+    // Python's reader (modelfile.py) names keys the same way.
+    std::string key() const {
+        std::string key;
+        for (const Level& level : levels_) {
+            if (level.in_array) {
+                key += "[" + std::to_string(level.index) + "]";
+            } else {
+                key += (key.empty() ? "" : ".") + cut(level.name);
+            }
+        }
+        return key.empty() ? "(top level)" : key;
+    }
+
+private:
+    struct Level {
+        bool in_array;
+        std::string name;  // objects: the current member's key
+        size_t index;      // arrays: elements read so far, so the current one's index
+    };
+
+    void element_done() {
+        if (!levels_.empty() && levels_.back().in_array) levels_.back().index++;
+    }
+
+    std::vector<Level> levels_;
+};
+
+// The checks made on the raw text before it is parsed, fed in chunks (the text is never held
+// whole): the offset of the first NUL byte (nlohmann's parser would take it for the end), and
+// of the first '[' or '{' that opens a level deeper than kMaxJsonDepth, strings skipped. The
+// depth scan is the same as Python's reader's (modelfile.py _too_deep_at), so both refuse the
+// same files: a quote closes a string after an even number of backslashes; on text that is
+// not JSON the count may be off, and the parser then reports the syntax error.
+class TextScan {
+public:
+    static constexpr size_t npos = std::string::npos;
+    size_t nul_at = npos, too_deep_at = npos;
+
+    void feed(const char* p, size_t n) {
+        if (nul_at == npos) {
+            const void* nul = std::memchr(p, '\0', n);
+            if (nul) nul_at = offset_ + ((const char*)nul - p);
+        }
+        for (size_t i = 0; i < n && too_deep_at == npos;) {
+            if (in_string_) {
+                i = skip_string(p, n, i);
+                continue;
+            }
+            char ch = p[i];
+            if (ch == '[' || ch == '{') {
+                if (++depth_ > kMaxJsonDepth) too_deep_at = offset_ + i;
+            } else if (ch == ']' || ch == '}') {
+                depth_--;
+            } else if (ch == '"') {
+                in_string_ = true;
+                backslashes_ = 0;
+            }
+            i++;
+        }
+        offset_ += n;
+    }
+
+private:
+    // Inside a string at p[i]: the index after its closing quote, or n (the string goes on).
+    size_t skip_string(const char* p, size_t n, size_t i) {
+        for (;;) {
+            const void* found = std::memchr(p + i, '"', n - i);
+            size_t end = found ? (const char*)found - p : n;
+            size_t k = end;  // backslashes right before `end`, carried over a chunk boundary
+            while (k > i && p[k - 1] == '\\') k--;
+            size_t run = (end - k) + (k == i ? backslashes_ : 0);
+            if (!found) {
+                backslashes_ = run;
+                return n;
+            }
+            backslashes_ = 0;
+            i = end + 1;
+            if (run % 2 == 0) {
+                in_string_ = false;
+                return i;
+            }
+        }
+    }
+
+    size_t offset_ = 0;
+    int depth_ = 0;
+    bool in_string_ = false;
+    size_t backslashes_ = 0;  // a string's backslashes right before the current position
+};
+
+// A file read in 1 MiB chunks, as an input iterator for nlohmann's parser: a 500 MB model
+// file is parsed without being held in memory.
+class FileChunks {
+public:
+    explicit FileChunks(std::FILE* file) : file_(file), buffer_(1 << 20) {}
+
+    bool next() {  // the next chunk into view(); false at the end of the file
+        size_ = std::fread(buffer_.data(), 1, buffer_.size(), file_);
+        pos_ = 0;
+        if (std::ferror(file_)) throw std::runtime_error(std::string("read error: ") + std::strerror(errno));
+        return size_ > 0;
+    }
+    const char* data() const { return buffer_.data(); }
+    size_t size() const { return size_; }
+
+    struct Iterator {
+        using iterator_category = std::input_iterator_tag;
+        using value_type = char;
+        using difference_type = std::ptrdiff_t;
+        using pointer = const char*;
+        using reference = const char&;
+        FileChunks* chunks;  // nullptr: the end
+        const char& operator*() const { return chunks->buffer_[chunks->pos_]; }
+        Iterator& operator++() {
+            if (++chunks->pos_ == chunks->size_ && !chunks->next()) chunks = nullptr;
+            return *this;
+        }
+        bool operator==(const Iterator& other) const { return chunks == other.chunks; }
+        bool operator!=(const Iterator& other) const { return chunks != other.chunks; }
+    };
+    Iterator begin() { return Iterator{next() ? this : nullptr}; }
+    static Iterator end() { return Iterator{nullptr}; }
+
+private:
+    std::FILE* file_;
+    std::vector<char> buffer_;
+    size_t size_ = 0, pos_ = 0;
+};
+
+// A "data" text decoded while the file is parsed, so the parsed document never holds the
+// base64 of the weights: it holds json::binary({}, index of this) instead. Only valid base64
+// of at least kDecodeWhileParsing characters is decoded early; anything else stays a string
+// and is checked (with its exact message) where the tensor is read.
+struct DecodedData {
+    std::vector<float> values;  // the bytes, in float-aligned storage: float32 tensors move out
+    size_t nbytes = 0;
+};
+constexpr size_t kDecodeWhileParsing = 4096;
+
 // A tensor entry whose dtype and shape have been read, not yet decoded.
 struct TensorEntry {
     std::string key;             // e.g. "weights.layers[1].wk"
     std::vector<int64_t> shape;  // each dimension in [0, kMaxDim]
-    const std::string* base64;   // the "data" text
+    const std::string* base64;   // the "data" text, or nullptr when it was decoded while parsing
+    DecodedData* decoded;        // then: its bytes
 };
 
 class Reader {
 public:
     explicit Reader(std::string path) : path_(std::move(path)) {}
 
-    ModelFile load() {
-        json root = parse();
+    // Loads the file at path_, streamed: it is scanned in chunks (NUL bytes, nesting depth),
+    // then parsed in chunks, tensor data decoded as it is parsed.
+    ModelFile load_file() {
+        std::error_code ec;
+        if (std::filesystem::is_directory(path_, ec)) throw ModelFileError(path_ + ": is a directory, not a model file");
+        std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path_.c_str(), "rb"), std::fclose);
+        if (!file) throw ModelFileError(path_ + ": cannot open model file: " + std::strerror(errno));
+        try {
+            FileChunks chunks(file.get());
+            TextScan scan;
+            while (chunks.next()) scan.feed(chunks.data(), chunks.size());
+            check_scan(scan);
+            std::rewind(file.get());
+            FileChunks parse_chunks(file.get());
+            return load(parse(parse_chunks.begin(), FileChunks::end()));
+        } catch (const std::runtime_error& e) {
+            if (dynamic_cast<const ModelFileError*>(&e)) throw;
+            throw ModelFileError(path_ + ": cannot read model file: " + e.what());
+        }
+    }
+
+    // The same for a text already in memory.
+    ModelFile load_text(const std::string& text) {
+        TextScan scan;
+        scan.feed(text.data(), text.size());
+        check_scan(scan);
+        return load(parse(text.data(), text.data() + text.size()));
+    }
+
+private:
+    ModelFile load(const json& root) {
         if (!root.is_object()) fail("(top level)", "expected a JSON object, found " + brief(root));
         check_format_version(root);
         ModelFile file;
         file.config = read_config(root);
         file.weights = read_weights(root, file.config, file.tensors);
-        if (const json* inputs = find(root, "inputs")) file.inputs = read_inputs(*inputs, file.config);
+        if (const json* inputs = find(root, "inputs")) {
+            file.inputs = read_inputs(*inputs, file.config);
+            check_forward_memory(*file.inputs, file.config);
+        }
         return file;
     }
 
-private:
     [[noreturn]] void fail(const std::string& key, const std::string& what) const {
         throw ModelFileError(path_ + ": " + key + ": " + what);
     }
 
-    json parse() const {
-        std::error_code ec;
-        if (std::filesystem::is_directory(path_, ec)) throw ModelFileError(path_ + ": is a directory, not a model file");
-        std::ifstream f(path_, std::ios::binary);
-        if (!f) throw ModelFileError(path_ + ": cannot open model file: " + std::strerror(errno));
-        std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-        if (f.bad()) throw ModelFileError(path_ + ": cannot read model file: " + std::strerror(errno));
+    void check_scan(const TextScan& scan) const {
         // nlohmann's parser takes a NUL byte for the end of the input: refuse it here, so a
         // file with junk after a NUL is not read as valid (JSON text never holds a raw NUL).
-        size_t nul = text.find('\0');
-        if (nul != std::string::npos) {
-            throw ModelFileError(path_ + ": not valid JSON: NUL byte at offset " + std::to_string(nul));
+        if (scan.nul_at != TextScan::npos) {
+            throw ModelFileError(path_ + ": not valid JSON: NUL byte at offset " + std::to_string(scan.nul_at));
         }
+        if (scan.too_deep_at != TextScan::npos) {
+            throw ModelFileError(path_ + ": not valid JSON: arrays and objects nested deeper than " +
+                                 std::to_string(kMaxJsonDepth) + " levels (at byte offset " +
+                                 std::to_string(scan.too_deep_at) + ")");
+        }
+    }
+
+    // A long "data" string that is valid base64, decoded into decoded_ and replaced by a
+    // binary placeholder naming it; false (the string kept) otherwise.
+    bool decode_while_parsing(json& value) {
+        const std::string& text = value.get_ref<const std::string&>();
+        if (text.size() < kDecodeWhileParsing || text.size() % 4 != 0) return false;
+        DecodedData d;
+        d.nbytes = base64_decoded_size(text);
+        d.values.resize((d.nbytes + sizeof(float) - 1) / sizeof(float));
+        if (base64_decode(text, reinterpret_cast<uint8_t*>(d.values.data())) != std::string::npos) return false;
+        decoded_.push_back(std::move(d));
+        value = json::binary({}, decoded_.size() - 1);
+        return true;
+    }
+
+    template <typename Iterator>
+    json parse(Iterator first, Iterator last) {
+        KeyTracker where;
         try {
-            return json::parse(text);
+            return json::parse(first, last, [&](int, json::parse_event_t event, json& parsed) {
+                if (event == json::parse_event_t::value && parsed.is_string() && where.member() == "data") {
+                    decode_while_parsing(parsed);
+                }
+                where.see(event, parsed);
+                return true;
+            });
+        } catch (const json::out_of_range& e) {
+            // 406: a number beyond a double's range, such as 1e999 or a 400-digit integer;
+            // e.what() ends "number overflow parsing '<the number>'"
+            std::string what = e.what();
+            const std::string parsing = "parsing '";
+            size_t start = what.find(parsing);
+            if (e.id != 406 || start == std::string::npos || what.back() != '\'') {
+                throw ModelFileError(path_ + ": " + where.key() + ": not valid JSON: " + cut(what));
+            }
+            start += parsing.size();
+            fail(where.key(), "number " + cut(what.substr(start, what.size() - 1 - start)) + " does not fit in a double");
         } catch (const json::parse_error& e) {
             // e.what() names the line and column: "... parse error at line 1, column 9: ...".
             // It also quotes the whole failing token, megabytes for a cut-off tensor: shorten that.
@@ -156,6 +417,8 @@ private:
                 what = what.substr(0, quote + last_read.size() + 40) + "...'";
             }
             throw ModelFileError(path_ + ": not valid JSON: " + what);
+        } catch (const json::exception& e) {
+            throw ModelFileError(path_ + ": not valid JSON: " + cut(e.what()));
         }
     }
 
@@ -192,24 +455,40 @@ private:
         return (int)n;
     }
 
-    // An optional positive finite number, `fallback` when absent.
-    double positive_number(const json& parent, const char* name, double fallback) const {
-        const json* value = find(parent, name);
-        if (!value) return fallback;
-        std::string key = join_key("config", name);
+    // An optional float hyperparameter within its range, the range's fallback when absent.
+    double float_config(const json& cfg, const FloatRange& range) const {
+        const json* value = find(cfg, range.name);
+        if (!value) return range.fallback;
+        std::string key = join_key("config", range.name);
         if (!value->is_number()) fail(key, "must be a number, found " + brief(*value));
-        double x = value->get<double>();
-        if (!std::isfinite(x) || x <= 0) fail(key, "must be positive and finite, found " + brief(*value));
-        return x;
+        if (!range.contains(value->get<double>())) {
+            fail(key, std::string("must be a number in ") + range.range + ", found " + brief(*value));
+        }
+        return value->get<double>();
     }
 
+    // A positive integer no larger than the newest version this reader knows. The parser
+    // keeps non-negative integers as uint64 and negative ones as int64: each is compared in
+    // its own type, so 2^64 - 1 or 2^63 cannot wrap to a small or negative number.
     void check_format_version(const json& root) const {
         const json* version = find(root, "format_version");
         if (!version) return;  // files from before versioning (the seed's) are version 1
-        if (!version->is_number_integer()) fail("format_version", "must be an integer, found " + brief(*version));
-        if (version->get<int64_t>() > kFormatVersion) {
-            fail("format_version", std::to_string(version->get<int64_t>()) + " is newer than this reader supports (" +
+        if (!version->is_number_unsigned() || version->get<uint64_t>() < 1) {
+            fail("format_version", "must be a positive integer, found " + brief(*version));
+        }
+        if (version->get<uint64_t>() > (uint64_t)kFormatVersion) {
+            fail("format_version", brief(*version) + " is newer than this reader supports (" +
                                        std::to_string(kFormatVersion) + "); update xvalid");
+        }
+    }
+
+    // A forward over the inputs must fit the memory limit (forward_memory.h). The kernel
+    // would otherwise allocate (B*S, V) logits and the rest for any batch the file declares.
+    void check_forward_memory(const Inputs& in, const Config& c) const {
+        std::string problem = forward_memory_problem(c, in.B, in.S, in.S, false);
+        if (!problem.empty()) {
+            fail("inputs.input_ids", "a forward over B=" + std::to_string(in.B) + " x S=" + std::to_string(in.S) +
+                                         " tokens " + problem);
         }
     }
 
@@ -223,8 +502,8 @@ private:
         c.num_kv_heads = required("num_key_value_heads");
         c.vocab_size = required("vocab_size");
         c.intermediate_size = required("intermediate_size");
-        c.rms_norm_eps = positive_number(cfg, "rms_norm_eps", 1e-5);
-        c.rope_theta = positive_number(cfg, "rope_theta", 1e6);
+        c.rms_norm_eps = float_config(cfg, kRmsNormEps);
+        c.rope_theta = float_config(cfg, kRopeTheta);
         // unknown until the RoPE tables are read when the config does not say
         const json* max_pos = find(cfg, "max_position_embeddings");
         c.max_position_embeddings = max_pos ? dimension(*max_pos, "config.max_position_embeddings") : 0;
@@ -285,7 +564,14 @@ private:
             }
             t.shape.push_back(d.get<int64_t>());
         }
-        t.base64 = &string_field("data");
+        const json& data = member(node, t.key, "data");
+        if (data.is_binary() && data.get_binary().has_subtype() && data.get_binary().subtype() < decoded_.size()) {
+            t.base64 = nullptr;
+            t.decoded = &decoded_[data.get_binary().subtype()];
+        } else {
+            t.base64 = &string_field("data");
+            t.decoded = nullptr;
+        }
         return t;
     }
 
@@ -301,19 +587,40 @@ private:
     std::vector<T> decode(const TensorEntry& t) const {
         size_t numel = 1;
         for (int64_t d : t.shape) numel *= (size_t)d;
+        if (t.decoded) return take_decoded<T>(t, numel);
         const std::string& text = *t.base64;
         if (text.size() % 4 != 0) fail(t.key, "invalid base64: length " + std::to_string(text.size()) + " is not a multiple of 4");
         size_t nbytes = base64_decoded_size(text);
-        if (nbytes != numel * sizeof(T)) {
-            fail(t.key, "data holds " + std::to_string(nbytes) + " bytes, shape " + shape_str(t.shape) + " needs " +
-                            std::to_string(numel * sizeof(T)));
-        }
+        expect_bytes(t, nbytes, numel * sizeof(T));
         std::vector<T> values(numel);
         size_t bad = base64_decode(text, reinterpret_cast<uint8_t*>(values.data()));
         if (bad != std::string::npos) {
             fail(t.key, "invalid base64 character " + char_str((unsigned char)text[bad]) + " at offset " + std::to_string(bad));
         }
         return values;
+    }
+
+    void expect_bytes(const TensorEntry& t, size_t nbytes, size_t needed) const {
+        if (nbytes != needed) {
+            fail(t.key, "data holds " + std::to_string(nbytes) + " bytes, shape " + shape_str(t.shape) + " needs " +
+                            std::to_string(needed));
+        }
+    }
+
+    // The bytes decoded while parsing, as T: float32 tensors take the buffer itself.
+    template <typename T>
+    std::vector<T> take_decoded(const TensorEntry& t, size_t numel) const {
+        expect_bytes(t, t.decoded->nbytes, numel * sizeof(T));
+        if constexpr (std::is_same_v<T, float>) {
+            std::vector<float> values = std::move(t.decoded->values);
+            values.resize(numel);
+            return values;
+        } else {
+            std::vector<T> values(numel);
+            std::memcpy(values.data(), t.decoded->values.data(), numel * sizeof(T));
+            t.decoded->values = {};
+            return values;
+        }
     }
 
     // A float32 tensor of the given shape, decoded into `tensors`; all elements finite.
@@ -418,6 +725,7 @@ private:
     }
 
     std::string path_;
+    mutable std::vector<DecodedData> decoded_;  // see DecodedData; emptied as tensors are read
 };
 
 }  // namespace
@@ -440,6 +748,25 @@ static std::string printable(const std::string& text) {
 
 ModelFileError::ModelFileError(const std::string& message) : std::runtime_error(printable(message)) {}
 
-ModelFile load_model_file(const std::string& path) { return Reader(path).load(); }
+// A json::exception past the parser would be a check missing above: still one line, still
+// a ModelFileError.
+template <typename Load>
+static ModelFile guarded(const std::string& path, Load load) {
+    try {
+        return load();
+    } catch (const nlohmann::json::exception& e) {
+        throw ModelFileError(path + ": " + e.what());
+    }
+}
+
+ModelFile load_model_file(const std::string& path) {
+    Reader reader(path);
+    return guarded(path, [&] { return reader.load_file(); });
+}
+
+ModelFile parse_model_file(const std::string& text, const std::string& path) {
+    Reader reader(path);
+    return guarded(path, [&] { return reader.load_text(text); });
+}
 
 }  // namespace xvalid

@@ -1,7 +1,9 @@
-// Reads the JSON model file (layout: docs/model-format.md):
-// config, RoPE tables and weights as base64 tensors, and optionally an example batch.
-// Every tensor is checked (present, base64, dtype, shape against the config, byte
-// length, finite) before the kernel sees it.
+// Reads the JSON model file (layout: docs/model-format.md): config, RoPE tables and
+// weights as base64 tensors, and optionally an example batch. The text is checked before it
+// is parsed (nesting depth), every number while it is parsed (overflow), and every value
+// after: config ranges (limits.h), each tensor (present, base64, dtype, shape against the
+// config, byte length, finite), and the memory a forward on the inputs would need
+// (forward_memory.h), all before the kernel sees anything.
 #pragma once
 
 #include <cstdint>
@@ -50,5 +52,9 @@ struct ModelFile {
 
 // Loads and checks the model file at `path`. Throws ModelFileError.
 ModelFile load_model_file(const std::string& path);
+
+// The same for a file's text already in memory (the fuzz harness's entry point); `path`
+// only names the file in messages.
+ModelFile parse_model_file(const std::string& text, const std::string& path);
 
 }  // namespace xvalid

@@ -36,7 +36,7 @@ struct KernelOps {
     // The feed-forward's first half, SwiGLU fused in:
     //   out (rows, d) = silu(x W_gate^T) * (x W_up^T), silu(z) = z * sigmoid(z).
     // When gate and up are not nullptr (capture), the two products are stored there too,
-    // each exactly as matmul would compute it.
+    // each exactly as matmul computes it, and out is the same as without them.
     void (*matmul_swiglu)(float* out, const float* x, const float* w_gate, const float* w_up,
                           int rows, int n, int d, float* gate, float* up);
 

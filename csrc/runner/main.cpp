@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "io/forward_memory.h"
 #include "io/model_file.h"
 #include "io/npy.h"
 #include "kernel/ops.h"
@@ -39,7 +40,8 @@ static const char* const kUsage =
     "  -h, --help       show this help\n"
     "\n"
     "Prints one summary line. Exit status: 0 ok, 2 bad usage or bad input (model file,\n"
-    "inputs), 1 any other failure (e.g. OUT_DIR not writable).\n";
+    "inputs, a forward needing more than XVALID_MEMORY_LIMIT_MB, by default half the\n"
+    "machine's memory), 1 any other failure (e.g. OUT_DIR not writable).\n";
 
 // A command line this program cannot run: exit status 2, like a bad model file.
 struct UsageError : std::runtime_error {
@@ -227,6 +229,13 @@ static int run(const Options& opt) {
     double load_ms = ms_since(start);
     if (!file.inputs) throw xvalid::ModelFileError(opt.model_path + ": inputs: missing; xvalid-run needs the file's input_ids and attention_mask");
     const xvalid::Inputs& inputs = *file.inputs;
+    if (opt.intermediates) {  // the loader checked the memory of a forward without them
+        std::string problem = xvalid::forward_memory_problem(file.config, inputs.B, inputs.S, inputs.S, true);
+        if (!problem.empty()) {
+            throw xvalid::ModelFileError(opt.model_path + ": inputs.input_ids: a forward over B=" + std::to_string(inputs.B) +
+                                         " x S=" + std::to_string(inputs.S) + " tokens " + problem);
+        }
+    }
 
     // the kernel takes int64 ids and mask, like torch
     std::vector<int64_t> ids(inputs.input_ids.begin(), inputs.input_ids.end());

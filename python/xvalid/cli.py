@@ -137,11 +137,14 @@ def run(model, backend, dtype, output, intermediates, threads):
     """Run MODEL's inputs through one backend and write the logits."""
     from .backends import TorchBackend, create_backend
     from .files import save_arrays, save_npy
+    from .memory import check_forward_memory
     from .modelfile import read_model
 
     if backend != "torch" and dtype != "float32":
         raise click.UsageError("--dtype float64 is for the torch backend only")
     mf = read_model(model)
+    if intermediates is not None:  # read_model checked the memory of a forward without them
+        check_forward_memory(mf.config, mf.batch_size, mf.seq_len, True, where=f"{model}: ")
     runner = TorchBackend(mf, dtype) if backend == "torch" else create_backend(backend, model, mf)
     if threads:
         runner.set_threads(threads)

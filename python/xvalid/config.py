@@ -9,11 +9,38 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 
-# Upper bound on any single dimension (the C++ loader's too): far above real models, low
-# enough that a typo such as --hidden 1000000000 is refused before anything is allocated.
+# The limits below are the C++ loader's too (csrc/io/limits.h; tests/test_hostile_files.py
+# checks that they agree) and are listed in docs/model-format.md.
+
+# Upper bound on any single dimension: far above real models, low enough that a typo such as
+# --hidden 1000000000 is refused before anything is allocated.
 MAX_DIM = 1 << 24
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """The values a float hyperparameter may take; `text` is how messages write the interval."""
+
+    low: float
+    high: float
+    low_included: bool
+    high_included: bool
+    text: str
+
+    def __contains__(self, x: float) -> bool:  # False for NaN
+        return ((x >= self.low) if self.low_included else (x > self.low)) and \
+            ((x <= self.high) if self.high_included else (x < self.high))
+
+
+FLOAT_RANGES = {
+    # added to mean(x^2) in float32: below 1e-30 it is on its way to rounding to 0 (then an
+    # all-zero row divides 0 by 0); 1 or more swamps the normalisation
+    "rms_norm_eps": FloatRange(1e-30, 1.0, True, False, "[1e-30, 1)"),
+    # RoPE's base: <= 1 makes the frequencies grow with the dimension; real models use 1e4..1e9
+    "rope_theta": FloatRange(1.0, 1e12, False, True, "(1, 1e12]"),
+}
 
 
 def minimind_intermediate(hidden_size: int) -> int:
@@ -61,11 +88,13 @@ class ModelConfig:
             raise ConfigError(f"num_key_value_heads {KVH} does not divide num_attention_heads {NH}")
         if (H // NH) % 2:
             raise ConfigError(f"head_dim {H // NH} (hidden {H} / heads {NH}) must be even for RoPE")
-        for name in ("rms_norm_eps", "rope_theta"):
+        for name, allowed in FLOAT_RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-                    or value == float("inf"):
-                raise ConfigError(f"config.{name} must be a positive finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"config.{name}: must be a number, found {brief(value)}")
+            if value not in allowed:
+                raise ConfigError(f"config.{name}: must be a number in {allowed.text}, "
+                                  f"found {brief(value)}")
 
     @property
     def num_parameters(self) -> int:

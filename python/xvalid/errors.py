@@ -10,6 +10,8 @@ Exit codes (the CLI's contract, also in README.md):
   130 interrupted (Ctrl-C)
 """
 
+import json
+
 EXIT_PASS = 0
 EXIT_FAIL = 1
 EXIT_BAD_INPUT = 2
@@ -46,3 +48,52 @@ class BuildError(XValidError):
     """The C++ kernel did not compile (editable installs rebuild on import)."""
 
     exit_code = EXIT_ENGINE
+
+
+# ---------------------------------------------------------------------------------------------
+# quoting a hostile file in a message
+
+QUOTE_CHARS = 40  # text quoted from a file is cut to this many characters, "..." ending the cut
+
+
+def cut(text: str) -> str:
+    """`text` if short, else its start and "...": a message line stays short."""
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + "..."
+
+
+def brief(value) -> str:
+    """A parsed JSON value written as JSON and cut short for a one-line message. At most three
+    levels of lists and dicts are walked, and walking stops once the text is long enough, so
+    the cost is bounded however large the value. The C++ loader writes the same text
+    (csrc/io/model_file.cpp, brief)."""
+    parts: list[str] = []
+    length = 0
+
+    def add(text: str) -> None:
+        nonlocal length
+        parts.append(text)
+        length += len(text)
+
+    def walk(value, levels: int) -> None:
+        if isinstance(value, str):
+            add(json.dumps(value[:QUOTE_CHARS + 1], ensure_ascii=False))
+        elif isinstance(value, (list, dict)):
+            is_dict = isinstance(value, dict)
+            add("{" if is_dict else "[")
+            if levels == 0 and value:
+                add("...")
+            for index, item in enumerate(value.items() if is_dict else value):
+                if levels == 0 or length > QUOTE_CHARS:
+                    break
+                if index:
+                    add(", ")
+                if is_dict:
+                    key, item = item
+                    add(json.dumps(key[:QUOTE_CHARS + 1], ensure_ascii=False) + ": ")
+                walk(item, levels - 1)
+            add("}" if is_dict else "]")
+        else:  # a number, true, false or null
+            add(json.dumps(value))
+
+    walk(value, 3)
+    return cut("".join(parts))

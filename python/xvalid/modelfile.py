@@ -19,7 +19,9 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,12 +29,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ConfigError, InputError, ModelFileError
+from .errors import ConfigError, InputError, ModelFileError, brief, cut
 from .files import atomic_write
+from .memory import check_forward_memory
 
 FORMAT_NAME = "xvalid-model"
 FORMAT_VERSION = 1
 PREVIEW_LEN = 16
+# Arrays and objects may be nested at most this deep (the C++ loader's limit too). A model
+# file needs 6 levels; deeper text is refused before it is parsed.
+MAX_JSON_DEPTH = 64
 
 # Storage dtypes: the `dtype` field names how the raw little-endian bytes are laid out.
 # Version 1 computes in float32; the other float and quantised types are reserved names so
@@ -298,9 +304,11 @@ def parse_model(doc: Any) -> ModelFile:
     version = doc.get("format_version")
     if version is None:  # absent (or null): files from before versioning, version 1
         version = FORMAT_VERSION
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-        raise ModelFileError(f"format_version: this xvalid reads version {FORMAT_VERSION}, "
-                             f"found {version!r} (upgrade xvalid)")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelFileError(f"format_version: must be a positive integer, found {brief(version)}")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"format_version: {version} is newer than this reader supports "
+                             f"({FORMAT_VERSION}); update xvalid")
     cfg = _read_config(doc)
     rope = _section(doc, "rope")
     table = (cfg.max_position_embeddings, cfg.head_dim)
@@ -308,36 +316,147 @@ def parse_model(doc: Any) -> ModelFile:
     sin = decode_tensor(_require(rope, "sin", "rope."), "rope.sin", table, "float32")
     ids, mask = _read_inputs(_section(doc, "inputs"), cfg)
     weights = _read_weights(_section(doc, "weights"), cfg)
+    check_forward_memory(cfg, *ids.shape, intermediates=False)
     meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
     source = (f"{doc['format']} v{version}" if isinstance(doc.get("format"), str)
               else "seed layout")
     return ModelFile(cfg, weights, ids, mask, cos, sin, dict(meta), source[:60])
 
 
+_BRACKETS = re.compile(rb"[][{}]")
+
+
+def _too_deep_at(text: bytes) -> int | None:
+    """The byte offset of the first '[' or '{' that opens a level deeper than MAX_JSON_DEPTH,
+    strings skipped; None if there is none. The C++ loader scans the same way (model_file.cpp
+    too_deep_at), so both refuse the same files; on text that is not JSON the count may be
+    off, and the parser then reports the syntax error."""
+    depth, pos, n = 0, 0, len(text)
+    while pos < n:
+        quote = text.find(b'"', pos)
+        for bracket in _BRACKETS.finditer(text, pos, n if quote < 0 else quote):
+            if bracket.group() in b"[{":
+                depth += 1
+                if depth > MAX_JSON_DEPTH:
+                    return bracket.start()
+            else:
+                depth -= 1
+        if quote < 0:
+            return None
+        end = quote  # to the closing quote: one after an even number of backslashes
+        while True:
+            end = text.find(b'"', end + 1)
+            if end < 0:
+                return None  # unterminated: the parser says so
+            start = end
+            while start > quote + 1 and text[start - 1] == 0x5C:  # backslash
+                start -= 1
+            if (end - start) % 2 == 0:
+                break
+        pos = end + 1
+    return None
+
+
+class _Overflow:
+    """A number beyond a double's range (1e999, a 400-digit integer), kept in the parsed
+    document until its key is known: the C++ parser refuses it, and so does this reader."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+class _Numbers:
+    """json.loads's parse_float and parse_int: numbers as the C++ parser keeps them (int64 or
+    uint64, else a double), an _Overflow for one beyond a double."""
+
+    def __init__(self):
+        self.overflowed = False
+
+    def parse_float(self, text: str) -> float | _Overflow:
+        value = float(text)
+        if math.isinf(value):
+            self.overflowed = True
+            return _Overflow(text)
+        return value
+
+    def parse_int(self, text: str) -> int | float | _Overflow:
+        if len(text) <= 20:
+            value = int(text)
+            if -(1 << 63) <= value < (1 << 64):
+                return value
+        return self.parse_float(text)
+
+
+def _not_a_json_number(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _first_overflow(doc: Any) -> tuple[str, _Overflow] | None:
+    """The key ("config.hidden_size", "weights.layers[1]", "(top level)") and value of the
+    first _Overflow in `doc` in file order, which is where the C++ parser stops, named as the
+    C++ loader names it. (`doc` is at most MAX_JSON_DEPTH deep.)"""
+    stack = [("", doc)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, _Overflow):
+            return key or "(top level)", value
+        if isinstance(value, dict):
+            children = [(f"{key}.{cut(k)}" if key else cut(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            children = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        stack.extend(reversed(children))
+    return None
+
+
 def load_json(path: str | os.PathLike) -> Any:
+    """The parsed document, or ModelFileError "{path}: ...". The checks before and after the
+    parse are the C++ loader's, with the same messages: a NUL byte, nesting deeper than
+    MAX_JSON_DEPTH, a number beyond a double."""
     path = Path(path)
     try:
-        with open(path, "rb") as fp:
-            return json.load(fp)
+        text = path.read_bytes()
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ModelFileError(f"{path}: is a directory, expected a model file") from None
     except PermissionError:
         raise ModelFileError(f"{path}: permission denied") from None
+    nul = text.find(b"\0")
+    if nul >= 0:
+        raise ModelFileError(f"{path}: not valid JSON: NUL byte at offset {nul}")
+    too_deep = _too_deep_at(text)
+    if too_deep is not None:
+        raise ModelFileError(f"{path}: not valid JSON: arrays and objects nested deeper than "
+                             f"{MAX_JSON_DEPTH} levels (at byte offset {too_deep})")
+    numbers = _Numbers()
+    try:
+        doc = json.loads(text, parse_float=numbers.parse_float, parse_int=numbers.parse_int,
+                         parse_constant=_not_a_json_number)
     except json.JSONDecodeError as exc:
         # exc.msg may end in "at" itself ("Unterminated string starting at"): hence the colon
         raise ModelFileError(f"{path}: not valid JSON ({exc.msg}: line {exc.lineno}, "
                              f"column {exc.colno}; truncated file?)") from None
     except UnicodeDecodeError as exc:
         raise ModelFileError(f"{path}: not valid JSON (bad UTF-8 at byte {exc.start})") from None
-    except RecursionError:
-        raise ModelFileError(f"{path}: JSON nested too deeply") from None
+    except ValueError as exc:  # NaN, Infinity: Python's extensions of JSON
+        raise ModelFileError(f"{path}: not valid JSON: {exc}") from None
+    overflow = _first_overflow(doc) if numbers.overflowed else None
+    if overflow:
+        key, number = overflow
+        raise ModelFileError(f"{path}: {key}: number {cut(number.text)} does not fit in a double")
+    return doc
 
 
 def read_model(path: str | os.PathLike) -> ModelFile:
-    """Read and validate a model file; ModelFileError names the first problem."""
-    return parse_model(load_json(path))
+    """Read and validate a model file; ModelFileError "{path}: {key}: ..." names the first
+    problem."""
+    doc = load_json(path)
+    try:
+        return parse_model(doc)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,18 +33,16 @@ static void matmul(float* out, const float* x, const float* w, int rows, int n, 
     matmul_nt(out, x, w, rows, d, n, nullptr, nullptr, false, get_num_threads());
 }
 
-// Fused unless gate and up are asked for (capture): then two matmuls and the element-wise
-// SwiGLU, which compute the same products.
+// Always the fused pass, so capturing changes no result; when gate and up are asked for
+// (capture), they are computed again by two plain matmuls, the same products.
 static void matmul_swiglu(float* out, const float* x, const float* w_gate, const float* w_up, int rows,
                           int n, int d, float* gate, float* up) {
     int threads = get_num_threads();
-    if (!gate || !up) {
-        matmul_nt_swiglu(out, x, w_gate, w_up, rows, d, n, nullptr, nullptr, threads);
-        return;
+    matmul_nt_swiglu(out, x, w_gate, w_up, rows, d, n, nullptr, nullptr, threads);
+    if (gate && up) {
+        matmul_nt(gate, x, w_gate, rows, d, n, nullptr, nullptr, false, threads);
+        matmul_nt(up, x, w_up, rows, d, n, nullptr, nullptr, false, threads);
     }
-    matmul_nt(gate, x, w_gate, rows, d, n, nullptr, nullptr, false, threads);
-    matmul_nt(up, x, w_up, rows, d, n, nullptr, nullptr, false, threads);
-    XVALID_DISPATCH(swiglu, out, gate, up, (int64_t)rows * d);
 }
 
 static void rope_append_kv(float* q, float* k, const float* v, float* key_cache, float* value_cache,

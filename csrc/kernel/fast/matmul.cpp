@@ -8,7 +8,8 @@
 
 #include "matmul_isa.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+// XVALID_HAVE_AVX2: the build compiled matmul_avx2.cpp (CMake's XVALID_AVX2 on x86-64).
+#ifdef XVALID_HAVE_AVX2
 #define XVALID_HAVE_AVX2_TU 1
 #endif
 

@@ -25,18 +25,29 @@ inline float hsum(__m256 v) {
 }
 
 struct Avx2 {
+    // Weight rows are prefetched this many floats ahead in the decode path (1 KB).
+    static constexpr int kPrefetchAhead = 256;
     // Tiles and blocks (floats). KC = 256: a B micro-panel is 256*16*4 = 16 KB, half of L1d,
     // and stays there while the A micro-panels (256*6*4 = 6 KB each) stream past it.
     // MC = 120 rows: the A slice the inner loops sweep is 120*256*4 = 120 KB, in L2 (512 KB).
     // NC = 512 columns: the packed B block is K*512*4 bytes (1 MB at K = 512, 2.9 MB at
     // K = 1408), in L2 + L3; A is repacked once per B block, ~1% of the flops at NC = 512.
     static constexpr int MR = 6, NR = 16, KC = 256, MC = 120, NC = 512;
-    // Decode path: M <= SMALL_M; A in chunks of GEMV_MM rows against 4 weight rows
-    // (2 x 4 = 8 accumulators, plus 4 weight vectors and one A vector).
-    static constexpr int SMALL_M = 4, GEMV_MM = 2;
+    // Decode path for M <= SMALL_M. Measured on Zen 3 (one thread, N, K = 512..1408): no
+    // packing is faster up to M = 8 (packing B costs N*K stores for only 2M flops per
+    // weight), packing from M = 12 on. A in chunks of up to GEMV_MM = 4 rows against a group of
+    // 4 weight rows: chunks of 1-3 rows take all 4 weight rows at once (4-12 accumulators),
+    // a chunk of 4 takes them 2 at a time (8 accumulators).
+    static constexpr int SMALL_M = 8, GEMV_MM = 4;
 
     // c (6, 16) with row stride ldc = (add ? c : 0) + a-panel . b-panel over kc.
     static void kernel(int kc, const float* a, const float* b, float* c, int ldc, bool add) {
+        // The C tile is read and written once, after the k loop: ask for its lines now, so
+        // the miss (C is often far bigger than L2) overlaps the arithmetic.
+        for (int i = 0; i < MR; i++) {
+            _mm_prefetch(reinterpret_cast<const char*>(c + (size_t)i * ldc), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(c + (size_t)i * ldc + NR - 1), _MM_HINT_T0);
+        }
         __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
         __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
         __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -68,26 +79,148 @@ struct Avx2 {
         _mm256_storeu_ps(c + 8, hi);
     }
 
+    // Packing transposes 8 x 8 blocks in registers: 8 loads of 8 consecutive k from 8 rows,
+    // 8 stores of 8 rows at one k. Tails (k % 8, missing rows) take the generic path.
+
+    // dst[k*MR + i] = A'[m0 + i][k0 + k], zero rows past `rows`.
+    static void pack_a_panel(float* dst, const float* A, int K, int m0, int rows, int k0, int kc,
+                             const float* row_scale, const float* col_scale) {
+        int k = 0;
+        for (; k + 8 <= kc; k += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                if (i >= rows || i >= MR) {
+                    r[i] = _mm256_setzero_ps();
+                    continue;
+                }
+                r[i] = _mm256_loadu_ps(A + (size_t)(m0 + i) * K + k0 + k);
+                if (row_scale) r[i] = _mm256_mul_ps(r[i], _mm256_set1_ps(row_scale[m0 + i]));
+                if (col_scale) r[i] = _mm256_mul_ps(r[i], _mm256_loadu_ps(col_scale + k0 + k));
+            }
+            transpose8(r);
+            for (int j = 0; j < 8; j++) {  // 6 of the 8 lanes: rows 0..5 at k + j
+                float* d = dst + (size_t)(k + j) * MR;
+                _mm_storeu_ps(d, _mm256_castps256_ps128(r[j]));
+                _mm_storel_pi(reinterpret_cast<__m64*>(d + 4), _mm256_extractf128_ps(r[j], 1));
+            }
+        }
+        if (k < kc) pack_a_panel_generic<MR>(dst + (size_t)k * MR, A, K, m0, rows, k0 + k, kc - k, row_scale, col_scale);
+    }
+    static_assert(MR <= 8, "pack_a_panel transposes 8 rows at a time");
+
+    // dst[k*NR + j] = rows[j][k0 + k], zero where rows[j] is null.
     static void pack_b_panel(float* dst, const float* const rows[NR], int k0, int kc) {
-        pack_b_panel_generic<NR>(dst, rows, k0, kc);
+        for (int h = 0; h < NR; h += 8) {
+            bool whole = true;
+            for (int j = 0; j < 8; j++) whole = whole && rows[h + j];
+            int k = 0;
+            if (whole) {
+                for (; k + 8 <= kc; k += 8) {
+                    __m256 r[8];
+                    for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(rows[h + j] + k0 + k);
+                    transpose8(r);
+                    for (int j = 0; j < 8; j++) _mm256_storeu_ps(dst + (size_t)(k + j) * NR + h, r[j]);
+                }
+            }
+            for (int j = 0; j < 8; j++)
+                for (int kk = k; kk < kc; kk++)
+                    dst[(size_t)kk * NR + h + j] = rows[h + j] ? rows[h + j][k0 + kk] : 0.0f;
+        }
     }
 
-    // out[j] = silu(gate[j]) * up[j], j < n <= NR/2.
+    // r[i][j] <- r[j][i] for an 8 x 8 block.
+    static inline void transpose8(__m256 r[8]) {
+        __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+        r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+        r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+        r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+    }
+
+    // out[j] = silu(gate[j]) * up[j], j < n <= NR/2 = 8: one vector when the panel is whole.
     static void swiglu_panel(float* out, const float* gate, const float* up, int n) {
-        for (int j = 0; j < n; j++) out[j] = silu_times(gate[j], up[j]);
+        if (n < 8) {
+            for (int j = 0; j < n; j++) out[j] = silu_times(gate[j], up[j]);
+            return;
+        }
+        __m256 z = _mm256_loadu_ps(gate);
+        __m256 sig_den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z)));
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_div_ps(z, sig_den), _mm256_loadu_ps(up)));
+    }
+
+    // exp(x) for 8 floats, within about 2 ulp of expf (Cephes' polynomial): x = n ln2 + r,
+    // |r| <= ln2/2, exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits.
+    // x is clamped to [-87.3, 88]: 2^n stays a normal float; silu(z) for |z| > 87 is z or
+    // about 0 either way. A NaN stays NaN through silu: z itself is the numerator.
+    static inline __m256 exp8(__m256 x) {
+        x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
+        __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+        r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+        __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     }
 
     // res[m][r] = A[m] . rows[r] (A row stride K) for m < MM, r < R; 8-wide FMA, MM*R
     // independent accumulators, the K % 8 tail in scalar.
     template <int MM, int R>
     static void dots(const float* A, int K, const float* const* rows, float (*res)[R]) {
+        if constexpr (MM == 4 && R == 4) {  // 16 accumulators would spill: two halves
+            float half[MM][2];
+            for (int h = 0; h < 2; h++) {
+                dots<MM, 2>(A, K, rows + 2 * h, half);
+                for (int m = 0; m < MM; m++) res[m][2 * h] = half[m][0], res[m][2 * h + 1] = half[m][1];
+            }
+            return;
+        }
         __m256 acc[MM][R];
         for (int m = 0; m < MM; m++)
             for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
         int k = 0;
+        if constexpr (MM * R <= 4) {  // too few chains to hide FMA latency: a second set
+            __m256 acc2[MM][R];
+            for (int m = 0; m < MM; m++)
+                for (int r = 0; r < R; r++) acc2[m][r] = _mm256_setzero_ps();
+            for (; k + 16 <= K; k += 16) {
+                __m256 w[R], w2[R];
+                for (int r = 0; r < R; r++) {
+                    _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetchAhead), _MM_HINT_T0);
+                    w[r] = _mm256_loadu_ps(rows[r] + k);
+                    w2[r] = _mm256_loadu_ps(rows[r] + k + 8);
+                }
+                for (int m = 0; m < MM; m++) {
+                    __m256 x = _mm256_loadu_ps(A + (size_t)m * K + k);
+                    __m256 x2 = _mm256_loadu_ps(A + (size_t)m * K + k + 8);
+                    for (int r = 0; r < R; r++) {
+                        acc[m][r] = _mm256_fmadd_ps(x, w[r], acc[m][r]);
+                        acc2[m][r] = _mm256_fmadd_ps(x2, w2[r], acc2[m][r]);
+                    }
+                }
+            }
+            for (int m = 0; m < MM; m++)
+                for (int r = 0; r < R; r++) acc[m][r] = _mm256_add_ps(acc[m][r], acc2[m][r]);
+        }
         for (; k + 8 <= K; k += 8) {
             __m256 w[R];
-            for (int r = 0; r < R; r++) w[r] = _mm256_loadu_ps(rows[r] + k);
+            for (int r = 0; r < R; r++) {
+                _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetchAhead), _MM_HINT_T0);
+                w[r] = _mm256_loadu_ps(rows[r] + k);
+            }
             for (int m = 0; m < MM; m++) {
                 __m256 x = _mm256_loadu_ps(A + (size_t)m * K + k);
                 for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(x, w[r], acc[m][r]);

@@ -129,21 +129,6 @@ struct Gemm {
 
     // ---- packing ----
 
-    // A rows [m0, m0 + rows) (rows <= MR; missing rows are zero), k in [k0, k0 + kc),
-    // into dst[k*MR + i], scaled by the A' rule.
-    static void pack_a_panel(float* dst, const Problem& p, int m0, int rows, int k0, int kc) {
-        for (int i = 0; i < MR; i++) {
-            if (i >= rows) {
-                for (int k = 0; k < kc; k++) dst[k * MR + i] = 0.0f;
-                continue;
-            }
-            const float* a_row = p.A + (size_t)(m0 + i) * p.K;
-            bool has_rs = p.row_scale != nullptr;
-            float rs = has_rs ? p.row_scale[m0 + i] : 1.0f;
-            for (int k = 0; k < kc; k++) dst[k * MR + i] = scaled(a_row, k0 + k, rs, has_rs, p.col_scale);
-        }
-    }
-
     // The B rows feeding panel `panel` of the block that starts at column nb of C.
     // rows[j] = nullptr where the panel runs past N (packed as zeros).
     static void panel_rows(const Problem& p, int nb, int panel, const float* rows[NR]) {
@@ -211,8 +196,9 @@ struct Gemm {
                 for (int s = 0; s < sl.count; s++) {
                     int k0 = sl.begin(s), kc = sl.size(s);
                     for (int i = 0; i < tiles; i++)
-                        pack_a_panel(Ap + (size_t)k0 * height + (size_t)i * kc * MR, p,
-                                     mb + i * MR, std::min(MR, rows - i * MR), k0, kc);
+                        Isa::pack_a_panel(Ap + (size_t)k0 * height + (size_t)i * kc * MR, p.A, p.K,
+                                          mb + i * MR, std::min(MR, rows - i * MR), k0, kc,
+                                          p.row_scale, p.col_scale);
                 }
                 for (int s = 0; s < sl.count; s++) {
                     int k0 = sl.begin(s), kc = sl.size(s);
@@ -313,15 +299,15 @@ struct Gemm {
         for (; n < n1; n++) gemv_group<1>(p, A, M, K, n);
     }
 
-    // R output features starting at n: plain rows n..n+R-1, or for SwiGLU the R/2... see below.
+    // Output features n .. n+R-1: R weight rows, or for SwiGLU R gate and R up rows, taken
+    // 2 features (4 rows) at a time, the same 4-row shape as the plain case.
     template <int R>
     static void gemv_group(const Problem& p, const float* A, int M, int K, int n) {
         if (p.swiglu()) {
-            // R features need 2R rows: dot R gate + R up rows, 2 features per 4-row call.
-            for (int f = 0; f < R; f += (R >= 2 ? 2 : 1)) {
-                if (R >= 2) gemv_swiglu_rows<2>(p, A, M, K, n + f);
-                else gemv_swiglu_rows<1>(p, A, M, K, n + f);
-            }
+            if constexpr (R % 2 == 0)
+                for (int f = 0; f < R; f += 2) gemv_swiglu_rows<2>(p, A, M, K, n + f);
+            else
+                for (int f = 0; f < R; f++) gemv_swiglu_rows<1>(p, A, M, K, n + f);
             return;
         }
         const float* rows[R];
@@ -441,6 +427,23 @@ void matmul_nt_swiglu_impl(float* out, const float* A, const float* B_gate, cons
                            int n_threads) {
     Problem p{out, A, nullptr, B_gate, B_up, M, N, K, row_scale, col_scale, false};
     Gemm<Isa>::run(p, n_threads);
+}
+
+// Generic A micro-panel packing: A rows [m0, m0 + rows) (rows <= MR; missing rows are
+// zero), k in [k0, k0 + kc), into dst[k*MR + i], scaled by the A' rule.
+template <int MR>
+inline void pack_a_panel_generic(float* dst, const float* A, int K, int m0, int rows, int k0,
+                                 int kc, const float* row_scale, const float* col_scale) {
+    for (int i = 0; i < MR; i++) {
+        if (i >= rows) {
+            for (int k = 0; k < kc; k++) dst[k * MR + i] = 0.0f;
+            continue;
+        }
+        const float* a_row = A + (size_t)(m0 + i) * K;
+        bool has_rs = row_scale != nullptr;
+        float rs = has_rs ? row_scale[m0 + i] : 1.0f;
+        for (int k = 0; k < kc; k++) dst[k * MR + i] = scaled(a_row, k0 + k, rs, has_rs, col_scale);
+    }
 }
 
 // Generic B micro-panel packing: dst[k*NR + j] = rows[j][k0 + k] (0 where rows[j] is null).

@@ -13,7 +13,9 @@ struct Portable {
     // KC = 256: a B micro-panel is 256*8*4 = 8 KB (L1); MC = 128: A slice 128 KB (L2);
     // NC = 512: packed B block K*512*4 bytes (L2 + L3).
     static constexpr int MR = 4, NR = 8, KC = 256, MC = 128, NC = 512;
-    static constexpr int SMALL_M = 4, GEMV_MM = 2;
+    // Decode path for M <= 4, one A row at a time against 4 weight rows (4 x 8 partial sums =
+    // 8 SSE registers; two A rows at once spilled and ran 3x slower on x86-64 SSE2).
+    static constexpr int SMALL_M = 4, GEMV_MM = 1;
 
     // c (4, 8) with row stride ldc = (add ? c : 0) + a-panel . b-panel over kc.
     static void kernel(int kc, const float* a, const float* b, float* c, int ldc, bool add) {
@@ -26,6 +28,10 @@ struct Portable {
                 c[(size_t)i * ldc + j] = add ? c[(size_t)i * ldc + j] + acc[i][j] : acc[i][j];
     }
 
+    static void pack_a_panel(float* dst, const float* A, int K, int m0, int rows, int k0, int kc,
+                             const float* row_scale, const float* col_scale) {
+        pack_a_panel_generic<MR>(dst, A, K, m0, rows, k0, kc, row_scale, col_scale);
+    }
     static void pack_b_panel(float* dst, const float* const rows[NR], int k0, int kc) {
         pack_b_panel_generic<NR>(dst, rows, k0, kc);
     }

@@ -89,14 +89,6 @@ void rope_append_kv(float* q, float* k, const float* v, float* key_cache, float*
     }
 }
 
-void swiglu(float* out, const float* gate, const float* up, int64_t n) {
-#pragma omp parallel for num_threads(threads_for(n))
-    for (int64_t i = 0; i < n; i++) {
-        float z = gate[i];
-        out[i] = (z / (1.0f + std::exp(-z))) * up[i];
-    }
-}
-
 // Eight floats as one value: GCC/Clang vector extensions, so the same source becomes AVX
 // instructions in the avx2 build and SSE or NEON pairs in the portable one.
 typedef float v8 __attribute__((vector_size(32)));

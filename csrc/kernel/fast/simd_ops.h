@@ -18,7 +18,6 @@ namespace fast {
     void attention(float* out, const float* q, const float* key_cache, const float* value_cache,   \
                    const int64_t* mask, int B, int T, int p0, int NH, int KVH, int hd,            \
                    int capacity);                                                                  \
-    void swiglu(float* out, const float* gate, const float* up, int64_t n);                       \
     }
 
 XVALID_DECLARE_SIMD_OPS(avx2)
