@@ -87,19 +87,22 @@ def test_gen_axis_allows_zero():
     assert parse_axis("0,8", "--gen", minimum=0) == [0, 8]
 
 
-def test_cells_that_cannot_fit_are_skipped_with_the_reason():
+def test_cells_that_cannot_fit_are_skipped_with_the_reason(monkeypatch):
+    from xvalid.memory import LIMIT_VARIABLE, forward_memory_bytes
     tiny = PRESETS["tiny"]  # max_position_embeddings 128
     assert skip_reason(tiny, Cell(1, 120, 8, 1), 2, 10 << 30) is None
     reason = skip_reason(tiny, Cell(1, 124, 8, 1), 2, 10 << 30)
     assert "positions S+N = 124+8 = 132 exceed the model's max_position_embeddings 128" == reason
     big = PRESETS["minimind2"]
-    cell = Cell(8, 4096, 32, 1)
+    cell = Cell(8, 2048, 32, 1)
     need = cell_memory_bytes(big, cell, 2)
-    # float64 attention scores alone: 3 x B x heads x T^2 x 8 bytes
-    assert need > 3 * 8 * big.num_attention_heads * 4128 ** 2 * 8
-    reason = skip_reason(big, cell, 2, need)  # more than 80% of what is available
+    assert need == 5 * forward_memory_bytes(big, 8, 2080, 2080, False)
+    reason = skip_reason(big, cell, 2, int(need))  # more than 80% of what is available
     assert reason.startswith(f"needs about {need / 2**30:.1f} GiB") and "available" in reason
-    assert skip_reason(big, cell, 2, 2 * need) is None
+    assert skip_reason(big, cell, 2, int(2 * need)) is None
+    monkeypatch.setenv(LIMIT_VARIABLE, "100")  # one forward above xvalid's memory limit
+    reason = skip_reason(big, cell, 2, int(2 * need))
+    assert reason.startswith("a forward over B=8 x 2080 positions needs about") and "100 MiB" in reason
 
 
 def test_stats_of_known_samples():
@@ -196,10 +199,10 @@ def test_run_writes_files_that_agree_with_the_table(cli, tmp_path):
             assert record["valid"] == "" and record["prefill_ms"] == "" and record["reason"]
 
     # bench.md and the terminal print the same table text
-    from xvalid.bench.output import _ms
+    from xvalid.bench.rows import format_ms
     md = (out / "bench.md").read_text()
     for row in ok:
-        text = _ms(row["prefill_ms"]["median"])
+        text = format_ms(row["prefill_ms"]["median"])
         assert text in md and text in result.out
     assert md.count("\n| torch |") == 6 and md.count("\n| cpp |") == 6
 
@@ -400,3 +403,16 @@ def test_model_file_errors(cli, tmp_path, tiny_model):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     cli("bench", bad).assert_one_line_error(2, "not valid JSON")
+
+
+def test_a_machine_whose_speed_changed_during_the_run_is_said():
+    from xvalid.bench.output import note_lines
+    from xvalid.bench.run import BenchOptions, BenchResult
+    result = BenchResult(BenchOptions([], [1], [4], [0], [2]), {}, "")
+    result.roofs[2] = {"sgemm_gflops": 50.0, "copy_gbs": 10.0}
+    result.roofs_end[2] = {"sgemm_gflops": 100.0, "copy_gbs": 10.5}
+    assert note_lines(result) == [
+        "the machine's speed changed during the run at 2 threads (sgemm GFLOP/s 50.0 at the "
+        "start, 100.0 at the end): other work on it? Roof shares use the start's"]
+    result.roofs_end[2]["sgemm_gflops"] = 55.0
+    assert note_lines(result) == []

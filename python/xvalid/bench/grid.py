@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..errors import InputError
+from ..memory import forward_memory_bytes, forward_memory_problem
 
 MAX_AXIS_VALUES = 64  # more values on one axis is almost surely a typo ('1-10000')
 
@@ -98,32 +99,31 @@ def cells(batch: list[int], seq: list[int], gen: list[int], threads: list[int]) 
     return [Cell(b, s, n, t) for t in threads for b in batch for s in seq for n in gen]
 
 
-def cell_memory_bytes(cfg: ModelConfig, cell: Cell, candidates: int) -> int:
-    """An upper estimate of what validating and timing one cell allocates on top of the
-    loaded weights. The largest part is the float64 reference's forward over all S+N
-    positions: one layer's activations (8 bytes a value) and its attention scores, which
-    torch holds as B x heads x (S+N)^2 values several times over (scores, bias, softmax);
-    then every candidate's logits and KV cache (float32) and the two reference logits."""
-    B, T = cell.batch, cell.positions
-    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q_dim = cfg.num_attention_heads * cfg.head_dim
-    kv_dim = cfg.num_key_value_heads * cfg.head_dim
-    rows = B * T
-    reference = 8 * (rows * (6 * H + 3 * I + 2 * q_dim + 2 * kv_dim + V)
-                     + 3 * B * cfg.num_attention_heads * T * T)
-    per_candidate = 4 * (rows * V + 2 * cfg.num_hidden_layers * B * T * kv_dim)
-    return reference + 4 * rows * V + candidates * per_candidate
+def cell_memory_bytes(cfg: ModelConfig, cell: Cell, candidates: int) -> float:
+    """What validating and timing one cell needs on top of the loaded weights, from the
+    working memory of one float32 forward over all S+N positions (memory.py, the loaders'
+    own estimate): the float64 reference counts twice, the float32 reference once, and each
+    candidate once (its prefill, KV cache and logits are held while the others run)."""
+    forward = forward_memory_bytes(cfg, cell.batch, cell.positions, cell.positions,
+                                   intermediates=False)
+    return (3 + candidates) * forward
 
 
 def skip_reason(cfg: ModelConfig, cell: Cell, candidates: int, available_bytes: int | None
                 ) -> str | None:
-    """Why a cell cannot run on this model and machine, or None when it can."""
+    """Why a cell cannot run on this model and machine, or None when it can: positions
+    beyond the model's maximum, one forward above xvalid's memory limit (as the loaders
+    refuse it), or the whole cell above 80% of the memory available now."""
     if cell.positions > cfg.max_position_embeddings:
         return (f"positions S+N = {cell.seq}+{cell.gen} = {cell.positions} exceed the model's "
                 f"max_position_embeddings {cfg.max_position_embeddings}")
+    problem = forward_memory_problem(cfg, cell.batch, cell.positions, cell.positions)
+    if problem:
+        return f"a forward over B={cell.batch} x {cell.positions} positions {problem}"
     need = cell_memory_bytes(cfg, cell, candidates)
     if available_bytes is not None and need > 0.8 * available_bytes:
-        return (f"needs about {need / 2**30:.1f} GiB (the float64 reference over "
-                f"{cell.batch} x {cell.positions} positions), {available_bytes / 2**30:.1f} GiB "
-                f"of memory available")
+        return (f"needs about {need / 2**30:.1f} GiB (the float32 and float64 references and "
+                f"{candidates} candidate{'s' * (candidates != 1)} over B={cell.batch} x "
+                f"{cell.positions} positions), {available_bytes / 2**30:.1f} GiB of memory "
+                f"available")
     return None

@@ -11,8 +11,8 @@ from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
 from rich.table import Table
 
 from ..progress import stderr_console
-from .output import STATUS_STYLE, STATUS_TEXT, _ms, _rate
-from .rows import Row
+from .output import STATUS_STYLE, STATUS_TEXT
+from .rows import Row, format_ms, format_rate
 
 SHOWN_ROWS = 12  # the latest rows on screen; the final table has them all
 
@@ -67,8 +67,8 @@ class LiveView:
             table.add_row(row.backend, str(row.batch), str(row.seq), str(row.gen),
                           str(row.threads),
                           f"[{STATUS_STYLE[row.status]}]{STATUS_TEXT[row.status]}[/]",
-                          _ms(row.median("prefill_ms")), _ms(row.median("decode_ms_per_token")),
-                          _rate(row.prefill_tok_s), _rate(row.decode_tok_s))
+                          format_ms(row.median("prefill_ms")), format_ms(row.median("decode_ms_per_token")),
+                          format_rate(row.prefill_tok_s), format_rate(row.decode_tok_s))
         return Group(table, self.progress) if self.rows else self.progress
 
 
@@ -76,5 +76,5 @@ def _line(row: Row) -> str:
     where = f"{row.backend} B{row.batch} S{row.seq} N{row.gen} t{row.threads}"
     if row.status != "ok":
         return f"{where}: {STATUS_TEXT[row.status]} ({row.reason})"
-    return (f"{where}: prefill {_ms(row.median('prefill_ms'))} ms, decode "
-            f"{_ms(row.median('decode_ms_per_token'))} ms/token")
+    return (f"{where}: prefill {format_ms(row.median('prefill_ms'))} ms, decode "
+            f"{format_ms(row.median('decode_ms_per_token'))} ms/token")

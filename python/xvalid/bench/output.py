@@ -16,12 +16,14 @@ from rich.table import Table
 from ..files import atomic_write
 from ..report import report_json
 from .profile import profile_table, profile_title
-from .rows import CSV_COLUMNS, TIMING_PROCESS, Row, csv_record
+from .rows import (CSV_COLUMNS, TIMING_PROCESS, Row, csv_record, format_ms, format_rate,
+                   format_times)
 from .run import BenchResult
 
 BENCH_SCHEMA = "xvalid-bench"
 BENCH_SCHEMA_VERSION = 1
 
+ROOF_DRIFT = 0.25  # roofs at the end this far from the start's: said in the notes
 STATUS_TEXT = {"ok": "ok", "invalid": "INVALID", "error": "ERROR", "skipped": "skipped"}
 STATUS_STYLE = {"ok": "green", "invalid": "bold red", "error": "bold yellow", "skipped": "dim"}
 
@@ -41,6 +43,7 @@ def bench_json(result: BenchResult) -> dict:
         "settings": result.options.settings(),
         "models": result.models,
         "roofs": [result.roofs[t] for t in sorted(result.roofs)],
+        "roofs_end": [result.roofs_end[t] for t in sorted(result.roofs_end)],
         "cells_total": result.cells_total,
         "rows": [row.to_json() for row in result.rows],
         "profile": result.profile,
@@ -49,18 +52,6 @@ def bench_json(result: BenchResult) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # numbers as text
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
-
-
-def _rate(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def _with_roof(value: float | None, share: float | None) -> str:
@@ -74,21 +65,15 @@ def _spread(row: Row, name: str, best: bool) -> str:
     stats = getattr(row, name)
     if stats is None:
         return "-"
-    text = _ms(stats.median)
+    text = format_ms(stats.median)
     if stats.n > 1 and stats.median:
         text += f" ±{100 * stats.std / stats.median:.0f}%"
     return text + (" *" if best else "")
 
 
-def _times(value: float | None) -> str:
-    if not value:
-        return "-"
-    return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
-
-
 def _speedup(row: Row) -> str:
     s = row.speedup or {}
-    return f"{_times(s.get('prefill'))} / {_times(s.get('decode'))}" if s else "-"
+    return f"{format_times(s.get('prefill'))} / {format_times(s.get('decode'))}" if s else "-"
 
 
 def _columns(result: BenchResult) -> dict[str, bool]:
@@ -125,14 +110,14 @@ def table_lines(result: BenchResult) -> list[tuple[Row, list[str]]]:
         if row.status != "ok":
             lines.append((row, ident + ["-"] * 11))
             continue
-        total = _ms(row.median("total_ms"))
+        total = format_ms(row.median("total_ms"))
         if row.timing == TIMING_PROCESS:
             total += " (process)"
         lines.append((row, ident + [
-            _spread(row, "prefill_ms", best.get("prefill") == 1), _rate(row.prefill_tok_s),
-            _with_roof(row.prefill_gflops, row.prefill_roof), _ms(row.median("first_decode_ms")),
+            _spread(row, "prefill_ms", best.get("prefill") == 1), format_rate(row.prefill_tok_s),
+            _with_roof(row.prefill_gflops, row.prefill_roof), format_ms(row.median("first_decode_ms")),
             _spread(row, "decode_ms_per_token", best.get("decode") == 1),
-            _rate(row.decode_tok_s), _with_roof(row.decode_gbs, row.decode_roof), total,
+            format_rate(row.decode_tok_s), _with_roof(row.decode_gbs, row.decode_roof), total,
             f"{row.peak_rss_mb:.0f}" if row.peak_rss_mb is not None else "-",
             _speedup(row)]))
     return lines
@@ -174,6 +159,15 @@ def note_lines(result: BenchResult) -> list[str]:
         if row.status == "ok" and row.validation and row.validation.get("decode") == "not supported":
             lines.append(f"{row.backend} {where}: decode not checked or timed (the engine wrote "
                          f"no decode logits)")
+    for threads, end in sorted(result.roofs_end.items()):
+        start = result.roofs.get(threads)
+        changed = [f"{name} {start[key]:.1f} at the start, {end[key]:.1f} at the end"
+                   for name, key in (("sgemm GFLOP/s", "sgemm_gflops"), ("copy GB/s", "copy_gbs"))
+                   if start and abs(end[key] / start[key] - 1) > ROOF_DRIFT]
+        if changed:
+            lines.append(f"the machine's speed changed during the run at {threads} "
+                         f"thread{'s' * (threads > 1)} ({'; '.join(changed)}): other work on it? "
+                         f"Roof shares use the start's")
     if any(row.rank for row in result.rows):
         lines.append("'*' marks the fastest valid backend at a cell; INVALID backends are never timed "
                      "or ranked")

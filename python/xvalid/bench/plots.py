@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write
-from .rows import TIMING_PROCESS, Row
+from .rows import TIMING_PROCESS, Row, format_ms, format_times
 
 DPI = 100
 MARKERS = "osD^v<>p*h"
@@ -150,7 +150,7 @@ def speedup_figure(rows: list[Row], title: str):
                     text = "skipped"
                 elif v:
                     values[i][j] = math.log2(v)
-                    text = f"{v:.2f}x"
+                    text = format_times(v)
                 ax.text(j, i, text, ha="center", va="center", fontsize=9, color=colour,
                         fontweight="bold" if colour == "red" else "normal")
             image = ax.imshow(np.ma.masked_invalid(np.array(values)), cmap=cmap, norm=norm,
@@ -195,7 +195,7 @@ def latency_figure(rows: list[Row], title: str):
         ax.barh(y, shares, left=left, color=colour, label=name)
         left = [a + b for a, b in zip(left, shares)]
     for i, row in enumerate(timed):  # the table's total: the median of the runs' totals
-        ax.text(101, i, f"{row.median('total_ms'):.4g} ms", va="center", fontsize=8)
+        ax.text(101, i, f"{format_ms(row.median('total_ms'))} ms", va="center", fontsize=8)
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 118)

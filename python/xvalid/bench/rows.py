@@ -136,6 +136,28 @@ CSV_COLUMNS = ("backend", "batch", "seq", "gen", "threads", "valid", "prefill_ms
                "speedup_total", "rss_growth_mb", "reason")
 
 
+# Numbers as the table, bench.md and the plots print them (one place, so they agree).
+
+
+def format_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def format_rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def format_times(value: float | None) -> str:
+    """A speedup: '1.71x', '10.6x'."""
+    if not value:
+        return "-"
+    return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
+
+
 def csv_record(row: Row) -> dict:
     """One bench.csv line: medians, standard deviations and p90s; empty where not measured."""
     def pct(share):
