@@ -287,10 +287,12 @@ def test_external_engines_through_their_own_timing(cli, tmp_path):
     result, doc = bench(cli, out, "--backends", "torch", "--batch", 2, "--seq", 5, "--gen", 3,
                         "--engine", "good=" + ENGINE, "--engine", "quiet=" + ENGINE + " --no-timing",
                         "--engine", "gqa=" + ENGINE + " --bug gqa",
-                        "--engine", "kv=" + ENGINE + " --bug kv-cache-position")
+                        "--engine", "kv=" + ENGINE + " --bug kv-cache-position",
+                        "--engine", "nodecode=" + ENGINE + " --decode 0")
     assert result.code == 1, result.out + result.err
     validate(doc)
-    good, quiet, gqa, kv = (rows_of(doc, n)[0] for n in ("good", "quiet", "gqa", "kv"))
+    good, quiet, gqa, kv, nodecode = (rows_of(doc, n)[0]
+                                      for n in ("good", "quiet", "gqa", "kv", "nodecode"))
     assert good["kind"] == "engine" and good["status"] == "ok" and good["timing"] == "engine"
     assert good["prefill_ms"]["n"] == 1 and good["decode_ms_per_token"]["n"] == 1
     assert good["validation"]["decode"] == "pass" and good["speedup"]["prefill"] > 0
@@ -301,6 +303,10 @@ def test_external_engines_through_their_own_timing(cli, tmp_path):
     assert gqa["status"] == "invalid" and "first divergence" not in gqa["reason"]
     assert kv["status"] == "invalid" and "decode drifts from step 2" in kv["reason"]
     assert "(process)" in result.out
+    # no decode logits: judged on its full forward, decode neither checked nor timed (said)
+    assert nodecode["status"] == "ok" and nodecode["validation"]["decode"] == "not supported"
+    assert nodecode["timing"] == "process" and nodecode["decode_ms_per_token"] is None
+    assert "nodecode B2 S5 N3 t1: decode not checked or timed" in result.out
 
 
 def test_an_engine_that_fails_is_an_error_exit_3(cli, tmp_path):
