@@ -100,8 +100,13 @@ def throughput_figure(rows: list[Row], title: str):
             ax.set_ylim(bottom=0)
             ax.set_title(f"{label}, {t} thread{'s' * (t > 1)}", fontsize=10, loc="left")
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+    legend: dict[str, object] = {}  # one legend for every panel, below them
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="outside lower center",
+                   ncol=min(len(legend), 6), fontsize=8, frameon=False)
     return fig
 
 
