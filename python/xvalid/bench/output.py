@@ -108,7 +108,7 @@ def table_lines(result: BenchResult) -> list[tuple[Row, list[str]]]:
                  + [str(row.gen)] * shown["N"] + [str(row.threads)] * shown["threads"]
                  + [STATUS_TEXT[row.status]])
         if row.status != "ok":
-            lines.append((row, ident + ["-"] * 11))
+            lines.append((row, ident + ["-"] * (len(table_header(result)) - len(ident))))
             continue
         total = format_ms(row.median("total_ms"))
         if row.timing == TIMING_PROCESS:

@@ -156,6 +156,8 @@ def speedup_figure(rows: list[Row], title: str):
                 elif v:
                     values[i][j] = math.log2(v)
                     text = format_times(v)
+                    if abs(float(norm(values[i][j])) - 0.5) > 0.35:  # a dark cell
+                        colour = "white"
                 ax.text(j, i, text, ha="center", va="center", fontsize=9, color=colour,
                         fontweight="bold" if colour == "red" else "normal")
             image = ax.imshow(np.ma.masked_invalid(np.array(values)), cmap=cmap, norm=norm,
