@@ -221,6 +221,22 @@ def test_a_model_file_and_two_thread_counts(cli, tmp_path, tiny_model):
     assert row["total_ms"]["median"] == row["prefill_ms"]["median"]
 
 
+def test_two_presets_with_a_size_flag(cli, tmp_path):
+    result = cli("bench", "--preset", "tiny,small", "--layers", 1, "--repeat", 1, "--warmup", 0,
+                 "--min-time", 0, "--threads", 1, "--batch", 1, "--seq", 4, "--gen", 1,
+                 "--backends", "torch", "--out", tmp_path)
+    assert result.code == 0, result.out + result.err
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    validate(doc)
+    models = {m["name"]: m for m in doc["models"]}
+    assert set(models) == {"tiny-layers1", "small-layers1"}
+    assert models["small-layers1"]["config"]["hidden_size"] == PRESETS["small"].hidden_size
+    assert all(m["config"]["num_hidden_layers"] == 1 for m in models.values())
+    assert sorted(r["model"] for r in doc["rows"]) == ["small-layers1", "tiny-layers1"]
+    for name in models:  # one set of plots per model
+        assert (tmp_path / f"throughput-{name}.png").read_bytes().startswith(PNG)
+
+
 # ---------------------------------------------------------------------------------------------
 # validated before timed
 

@@ -26,17 +26,21 @@ class LiveView:
         self.cells_done = 0
         self.cells_total = 0
 
-    def start(self, result, total_work: float) -> None:
+    def start(self, result) -> None:
         self.cells_total = result.cells_total
         if not self.interactive:
             return
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TaskProgressColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=self.console)
-        self.task = self.progress.add_task("starting", total=total_work)
+        self.task = self.progress.add_task("starting", total=None)  # known once a model loads
         self.live = Live(self._render(), console=self.console, transient=True,
                          refresh_per_second=4)
         self.live.start()
+
+    def set_total(self, total_work: float) -> None:
+        if self.live is not None:
+            self.progress.update(self.task, total=total_work)
 
     def status(self, text: str) -> None:
         if self.live is not None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import DEFAULT_BACKENDS, Backend, TorchBackend, backend_names, get_spec
-from ..compare import (Candidate, ReferenceRun, Tolerance, derive_tolerance, judge, load_backend,
+from ..compare import (Candidate, Tolerance, derive_tolerance, judge, load_backend,
                        run_engine, run_reference, versions)
 from ..config import ModelConfig
 from ..engines import EngineRequest, ExternalEngine, make_engines
@@ -111,7 +111,8 @@ class BenchResult:
 class NullView:
     """What run_bench reports as it goes; bench/live.py draws it on a terminal."""
 
-    def start(self, result: BenchResult, total_work: float) -> None: ...
+    def start(self, result: BenchResult) -> None: ...
+    def set_total(self, total_work: float) -> None: ...
     def status(self, text: str) -> None: ...
     def cell_done(self, rows: list[Row], work: float) -> None: ...
     def stop(self) -> None: ...
@@ -418,6 +419,7 @@ def run_bench(opts: BenchOptions, view=None) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="xvalid-bench-") as tmp:
         workdir = Path(tmp)
         current = "start"
+        view.start(result)
         try:
             for threads in opts.threads:
                 current = f"roofs at {threads} threads"
@@ -430,14 +432,13 @@ def run_bench(opts: BenchOptions, view=None) -> BenchResult:
                 result.models.append(model.info)
                 backend_info.update({n: b.info() for n, b in model.backends.items()})
                 result.versions = versions(backend_info)
-                if len(result.models) == 1:
-                    view.start(result, sum(cell_work(model.mf.config, c, candidates) for c in grid)
-                               * len(opts.models))
+                if len(result.models) == 1:  # the others are taken to be alike
+                    view.set_total(sum(cell_work(model.mf.config, c, candidates) for c in grid)
+                                   * len(opts.models))
                 for cell in grid:
                     current = f"{spec.name} {cell.label()}"
-                    for backend in {id(b): b for b in model.backends.values()}.values():
+                    for backend in (model.ref32, *model.backends.values()):
                         backend.set_threads(cell.threads)
-                    model.ref32.set_threads(cell.threads)
                     rows = run_cell(model, engines, cell, opts, result.roofs.get(cell.threads),
                                     workdir, view)
                     result.rows.extend(rows)
