@@ -243,17 +243,21 @@ def test_two_presets_with_a_size_flag(cli, tmp_path):
 
 class WrongBackend(TorchBackend):
     """The reference with a bug: 'zeros' returns zeros at once (it would be the fastest);
-    'decode' is right on the prefill and off by 0.5 on every decode step."""
+    'decode' is right on the prefill and off by 0.5 on every decode step; 'refuses' raises
+    an input error for a batch of more than one row."""
 
     def __init__(self, mf, mode: str):
         super().__init__(mf)
         self.name, self.mode, self.steps = f"wrong-{mode}", mode, 0
 
     def step(self, ids, mask):
+        if self.mode == "refuses" and ids.shape[0] > 1:
+            from xvalid.errors import InputError
+            raise InputError("batch > 1 is not supported")
         if self.mode == "zeros":
             return np.zeros((*ids.shape, self.model.cfg.vocab_size), np.float32)
         out = super().step(ids, mask)
-        return out + 0.5 if ids.shape[1] == 1 else out
+        return out + 0.5 if self.mode == "decode" and ids.shape[1] == 1 else out
 
 
 @pytest.fixture
@@ -298,6 +302,18 @@ def test_a_wrong_backend_is_invalid_never_timed_ranked_or_in_speedups(cli, tmp_p
     md = [line for line in (out / "bench.md").read_text().splitlines() if line.startswith("|")]
     assert "| wrong-zeros | 2 | 4 | INVALID | - |" in "\n".join(md)
     assert len({line.count(" | ") for line in md if "---" not in line}) == 1  # same columns
+
+
+def test_a_backend_that_refuses_a_cell_is_an_error_there_only(cli, tmp_path, registered):
+    registered("wrong-refuses", lambda path, mf: WrongBackend(mf, "refuses"))
+    result, doc = bench(cli, tmp_path, "--backends", "torch,wrong-refuses", "--batch", "1,2",
+                        "--seq", 4, "--gen", 1)
+    assert result.code == 3, result.out + result.err
+    validate(doc)
+    one, two = rows_of(doc, "wrong-refuses")
+    assert one["status"] == "ok" and one["prefill_ms"]["n"] == 1
+    assert two["status"] == "error" and two["valid"] is False
+    assert two["reason"] == "wrong-refuses: batch > 1 is not supported"
 
 
 def test_external_engines_through_their_own_timing(cli, tmp_path):

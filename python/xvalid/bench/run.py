@@ -35,7 +35,8 @@ from ..compare import (Candidate, Tolerance, derive_tolerance, judge, load_backe
                        run_engine, run_reference, versions)
 from ..config import ModelConfig
 from ..engines import EngineRequest, ExternalEngine, make_engines
-from ..errors import EXIT_ENGINE, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_PASS, EngineError
+from ..errors import (EXIT_ENGINE, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_PASS, EngineError,
+                      XValidError)
 from ..generate import generate_model
 from ..modelfile import ModelFile, read_model, write_model
 from ..report import failure_reasons
@@ -310,11 +311,15 @@ def run_cell(model: LoadedModel, engines: list[ExternalEngine], cell: Cell, opts
     memory: dict[str, tuple[float, float | None]] = {}
     for name, backend in model.backends.items():
         view.status(f"{cell.label()}: validating {name}")
+        kind = "reference" if get_spec(name).reference else "backend"
         peak = PeakMemory()
-        run = generate_once(backend, ids, mask, S)
+        try:
+            run = generate_once(backend, ids, mask, S)
+        except XValidError as exc:  # e.g. a shape the backend refuses: this cell's error
+            candidates.append(Candidate(name, kind, error=f"{name}: {exc}"))
+            continue
         memory[name] = (peak.peak_mb(), None if peak.start_mb is None
                         else peak.peak_mb() - peak.start_mb)
-        kind = "reference" if get_spec(name).reference else "backend"
         candidates.append(Candidate(name, kind, run.prefill_logits,
                                     decode_logits=run.decode_logits))
     engine_runs: dict[str, tuple[EngineRequest, Path, float]] = {}
