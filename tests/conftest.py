@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -73,6 +74,20 @@ def bug_model(tmp_path_factory) -> Path:
     run_xvalid("generate", *generate_flags(seq_len=8, batch_size=3, pad=2, seed=11), "-o", path,
                check=True)
     return path
+
+
+def compare_json(cli, tmp_path, model, *args):
+    """`xvalid compare MODEL --backends torch ... ARGS --json`, in-process, one timing run:
+    (CliResult, the JSON report or None)."""
+    report = tmp_path / "report.json"
+    result = cli("compare", model, "--backends", "torch", "--repeat", 1, "--warmup", 0,
+                 "--json", report, *args)
+    return result, (json.loads(report.read_text()) if report.exists() else None)
+
+
+def engine_row(report, index: int = 1):
+    """The report row of the index-th (1-based) external engine."""
+    return [c for c in report["candidates"] if c["kind"] == "engine"][index - 1]
 
 
 class CliResult:

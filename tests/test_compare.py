@@ -11,21 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ENGINES
+from conftest import ENGINES, compare_json, engine_row
 
 ENGINE = f"{sys.executable} {ENGINES / 'numpy_engine.py'} {{model}} {{out}}"
 SCHEMA = Path(__file__).parent.parent / "python" / "xvalid" / "schemas" / "compare-report.schema.json"
-
-
-def compare_json(cli, tmp_path, model, *args):
-    report = tmp_path / "report.json"
-    result = cli("compare", model, "--backends", "torch", "--repeat", 1, "--warmup", 0,
-                 "--json", report, *args)
-    return result, (json.loads(report.read_text()) if report.exists() else None)
-
-
-def engine_row(report):
-    return next(c for c in report["candidates"] if c["kind"] == "engine")
 
 
 @pytest.mark.parametrize("fmt,name", [("raw", "made_up.f32"), ("npy", "logits.npy"),
@@ -76,12 +65,14 @@ def test_broken_engine_fails_with_the_right_first_divergence(cli, tmp_path, bug_
     assert "reproduce: xvalid generate" in result.out and f"--bug {bug}" in result.out
     if bug == "nan":
         assert row["metrics"]["nonfinite"]["count"] == 1
+        assert row["metrics"]["max_abs"] == "inf"  # a NaN is infinitely far off, not NaN
         assert row["metrics"]["nonfinite"]["first"][:2] == [0, 7]
 
 
 @pytest.mark.parametrize("mode,needle", [
     ("exit3", "exited with code 3"),
-    ("short", "bytes of raw float32, expected"),
+    ("short", "logits.bin: 12284 bytes of raw float32, expected 12288 (B*S*V*4 for shape [3, 8, 128])"),
+    ("long", "logits.bin: 12292 bytes of raw float32, expected 12288"),
     ("none-written", "wrote no .npy or .bin file"),
     ("two-files", "name one with --engine-output"),
 ])
@@ -103,13 +94,15 @@ def test_engine_timeout_kills_it(cli, tmp_path, bug_model):
     assert time.monotonic() - start < 30
 
 
-def test_wrong_npy_shape_and_named_output_missing(cli, tmp_path, bug_model):
+def test_wrong_npy_shape_or_dtype_and_named_output_missing(cli, tmp_path, bug_model):
     script = tmp_path / "wrong_shape.py"
     script.write_text("import sys, numpy as np\n"
-                      "np.save(sys.argv[2] + '/logits.npy', np.zeros((2, 3), np.float32))\n")
-    result, report = compare_json(cli, tmp_path, bug_model,
-                                  "--engine", f"{sys.executable} {script} {{model}} {{out}}")
+                      "np.save(sys.argv[2] + '/logits.npy', np.zeros(eval(sys.argv[3]), sys.argv[4]))\n")
+    engine = f"{sys.executable} {script} {{model}} {{out}}"
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", engine + " '(2, 3)' float32")
     assert result.code == 3 and "logits.npy: shape [2, 3], expected [3, 8, 128]" in engine_row(report)["error"]
+    result, report = compare_json(cli, tmp_path, bug_model, "--engine", engine + " '(3, 8, 128)' int32")
+    assert result.code == 3 and "logits.npy: dtype int32, expected float32" in engine_row(report)["error"]
     result, report = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE,
                                   "--engine-output", "nothere.bin")
     assert result.code == 3 and "wrote no nothere.bin" in engine_row(report)["error"]
@@ -174,12 +167,17 @@ def test_report_matches_its_json_schema(cli, tmp_path, bug_model):
 
 
 def test_torch_reference_row_reports_its_noise_floor_and_timing(cli, tmp_path, bug_model):
-    result, report = compare_json(cli, tmp_path, bug_model, "--decode", 3)
+    result, report = compare_json(cli, tmp_path, bug_model, "--decode", 3, "--backends", "cpp,torch")
     assert result.code == 0
-    ref = report["candidates"][0]
+    cpp, ref = report["candidates"]
     assert ref["kind"] == "reference" and ref["metrics"]["max_abs"] == report["tolerance"]["reference_noise"]
     assert 0 < report["tolerance"]["reference_noise"] < 1e-5
+    assert "divergence" not in ref  # the reference is not compared with itself
+    # Speed relative to torch: the C++ row (listed first) against torch's median, torch 1.0.
     assert ref["timing"]["median_ms"] > 0 and ref["timing"]["ratio_to_torch"] == 1.0
+    assert cpp["timing"]["median_ms"] != ref["timing"]["median_ms"]
+    assert cpp["timing"]["ratio_to_torch"] == pytest.approx(
+        cpp["timing"]["median_ms"] / ref["timing"]["median_ms"], rel=1e-12)
     steps = ref["decode"]["steps"]
     assert [s["position"] for s in steps] == [5, 6, 7] and all(s["pass"] for s in steps)
 
@@ -195,11 +193,20 @@ def test_explicit_tolerance_overrides_and_smallest_passing_atol(cli, tmp_path, b
     assert result.code == 1
 
 
-@pytest.mark.parametrize("suffix,magic", [(".svg", b"<?xml"), (".pdf", b"%PDF")])
-def test_plot_formats(cli, tmp_path, bug_model, suffix, magic):
-    plot = tmp_path / f"err{suffix}"
-    result, _ = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE, "--plot", plot)
-    assert result.code == 0 and plot.read_bytes().startswith(magic)
+def test_plot_formats(cli, tmp_path, bug_model):
+    """One run, every format: an SVG document of the figure's size, a complete PDF."""
+    import xml.etree.ElementTree as ET
+    svg, pdf = tmp_path / "err.svg", tmp_path / "err.pdf"
+    for plot in (svg, pdf):
+        result, _ = compare_json(cli, tmp_path, bug_model, "--engine", ENGINE, "--plot", plot)
+        assert result.code == 0
+    root = ET.parse(svg).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert root.get("width") == "1008pt"  # 14 inches at 72 pt
+    assert len(list(root.iter("{http://www.w3.org/2000/svg}path"))) > 50
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF") and len(data) > 5_000
+    assert not list(tmp_path.glob(".err*.tmp")), "temporary files left behind"
 
 
 def test_save_logits_and_plot(cli, tmp_path, bug_model):
@@ -212,7 +219,14 @@ def test_save_logits_and_plot(cli, tmp_path, bug_model):
     assert names == sorted(["reference.npy", "reference-float64.npy", "torch.npy",
                             "numpy_engine.py.npy"])
     assert np.load(out / "reference.npy").shape == (3, 8, 128)
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    # The PNG decodes to the figure's pixels (14 inches wide at 110 dpi) and shows something:
+    # the heatmap's colours, not a blank or grey page.
+    from matplotlib.image import imread
+    image = imread(plot)  # (height, width, RGBA) floats in [0, 1]
+    assert image.shape[1] == 14 * 110 and image.shape[2] == 4 and image.shape[0] > 300
+    rgb = image[..., :3]
+    assert (rgb.min(axis=-1) < 0.9).mean() > 0.05  # not blank
+    assert (rgb.max(axis=-1) - rgb.min(axis=-1) > 0.3).mean() > 0.02  # coloured
 
 
 @pytest.mark.parametrize("args,needle", [

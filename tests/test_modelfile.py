@@ -23,13 +23,15 @@ def test_round_trip_keeps_every_tensor_and_the_config(tmp_path):
     cfg = ModelConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, vocab_size=50,
                       intermediate_size=70, num_hidden_layers=3, max_position_embeddings=20)
     mf = generate_model(cfg, batch_size=3, seq_len=6, seed=5, pad=2)
+    mf.weights.lm_head = mf.weights.tok_embedding[::-1].copy()  # untied: must survive too
     write_model(mf, tmp_path / "m.json")
     back = read_model(tmp_path / "m.json")
     assert back.config == cfg
     for a, b in [(mf.input_ids, back.input_ids), (mf.attention_mask, back.attention_mask),
                  (mf.rope_cos, back.rope_cos), (mf.rope_sin, back.rope_sin),
                  (mf.weights.tok_embedding, back.weights.tok_embedding),
-                 (mf.weights.final_rms, back.weights.final_rms)]:
+                 (mf.weights.final_rms, back.weights.final_rms),
+                 (mf.weights.lm_head, back.weights.lm_head)]:
         assert a.dtype == b.dtype and np.array_equal(a, b)
     for la, lb in zip(mf.weights.layers, back.weights.layers):
         for f in fields(LayerWeights):
@@ -111,6 +113,22 @@ def _replace_tensor(where, array, dtype=None):
     return edit
 
 
+def _rope_rows(rows, set_config=True):
+    """Keep the first `rows` rows of both RoPE tables (and say so in the config)."""
+    def edit(d):
+        if set_config:
+            d["config"]["max_position_embeddings"] = rows
+        for table in ("cos", "sin"):
+            obj = d["rope"][table]
+            array = np.frombuffer(base64.b64decode(obj["data"]), np.float32).reshape(obj["shape"])
+            obj.update(shape=[rows, obj["shape"][1]], data=_b64(array[:rows]))
+    return edit
+
+
+def _extra_layer(d):
+    d["weights"]["layers"].append(json.loads(json.dumps(d["weights"]["layers"][0])))
+
+
 CORRUPTIONS = {
     "missing config": (lambda d: d.pop("config"), "missing key 'config'"),
     "missing layer tensor": (lambda d: d["weights"]["layers"][1].pop("wk"),
@@ -132,6 +150,9 @@ CORRUPTIONS = {
                                    np.where(np.arange(192 * 64).reshape(192, 64) == 70, np.nan,
                                             0.01).astype(np.float32)),
                    "weights.layers[1].w_up: non-finite value nan at index [1, 6]"),
+    "Inf weight": (_replace_tensor('["weights"]["final_rms"]',
+                                   np.where(np.arange(64) == 9, -np.inf, 1.0).astype(np.float32)),
+                   "weights.final_rms: non-finite value -inf at index [9]"),
     "id out of range": (_replace_tensor('["inputs"]["input_ids"]',
                                         np.array([[1, 2, 3, 4, 5], [1, 2, 128, 4, 5]], np.int32)),
                         "id 128 at batch 1, position 2 is outside the vocabulary"),
@@ -154,6 +175,47 @@ CORRUPTIONS = {
     "layers not a list": (lambda d: d["weights"].__setitem__("layers", {}), "expected a list"),
     "tensor not an object": (lambda d: d["rope"].__setitem__("cos", [1, 2]), "rope.cos"),
     "top level list": (lambda d: (d.clear(), d.update({"x": 1})), "missing key 'config'"),
+    "lm_head shape": (_replace_tensor('["weights"]["lm_head"]', np.zeros((64, 128), np.float32)),
+                      "weights.lm_head: shape expected [128, 64], found [64, 128]"),
+    "extra layer": (_extra_layer, "expected 2 layers (config.num_hidden_layers), found 3"),
+    "rope rows": (_rope_rows(64, set_config=False), "rope.cos: shape expected [128, 8], found [64, 8]"),
+    "seq_len max_pos + 1": (_rope_rows(4), "input_ids: 5 positions exceed max_position_embeddings 4"),
+    "no tokens": (_replace_tensor('["inputs"]["input_ids"]', np.zeros((2, 0), np.int32)),
+                  "inputs.input_ids: shape expected [B, S] with B, S >= 1, found [2, 0]"),
+}
+
+# What the C++ loader says about the same files (its own wording, the same key).
+CPP_NEEDLES = {
+    "missing config": "config: missing from the model file",
+    "missing layer tensor": "weights.layers[1].wk: missing",
+    "missing rope": "rope.sin: missing",
+    "wrong shape": "weights.layers[0].wk: shape [64, 64] does not match the config: expected [16, 64]",
+    "bad base64": "weights.final_rms: invalid base64 character '!' at offset 0",
+    "short data": "weights.final_rms: data holds 252 bytes, shape [64] needs 256",
+    "float16 weights": "weights.layers[0].wq: dtype float16 not supported yet",
+    "unknown dtype": "weights.tok_embedding: unknown dtype 'complex64'",
+    "hex encoding": "weights.tok_embedding: encoding 'hex' not supported",
+    "NaN weight": "weights.layers[1].w_up: element 70 (flat index) is nan",
+    "Inf weight": "weights.final_rms: element 9 (flat index) is -inf",
+    "id out of range": "inputs.input_ids: id 128 at batch 1, position 2 is outside the vocabulary",
+    "negative id": "inputs.input_ids: id -2 at batch 0, position 1",
+    "mask value 2": "inputs.attention_mask: value 2 at batch 1, position 1",
+    "mask shape": "inputs.attention_mask: shape [2, 4] differs from input_ids' [2, 5]",
+    "format version 2": "format_version: 2 is newer than this reader supports",
+    "absurd hidden": "config.hidden_size: 1000000000 exceeds the supported maximum",
+    "absurd tensor shape": "weights.tok_embedding: shape [1099511627776,1099511627776]",
+    "heads do not divide": "config.num_attention_heads: 7 does not divide hidden_size 64",
+    "string config": "config.vocab_size: must be a positive integer",
+    "layer count": "weights.layers: expected a list of num_hidden_layers = 2 layers, found 1",
+    "meta head_dim": "meta.head_dim: expected 8",
+    "layers not a list": "weights.layers: expected a list",
+    "tensor not an object": "rope.cos: expected a tensor",
+    "top level list": "config: missing from the model file",
+    "lm_head shape": "weights.lm_head: shape [64, 128] does not match the config: expected [128, 64]",
+    "extra layer": "weights.layers: expected a list of num_hidden_layers = 2 layers, found 3",
+    "rope rows": "rope.cos: shape [64, 8] does not match the config: expected [128, 8]",
+    "seq_len max_pos + 1": "inputs.input_ids: 5 positions exceed max_position_embeddings 4",
+    "no tokens": "inputs.input_ids: shape [2, 0] is not (B, S) with B, S >= 1",
 }
 
 
@@ -170,8 +232,23 @@ def test_malformed_files_are_refused_naming_the_problem(cli, tiny_model, tmp_pat
     assert not (tmp_path / "l.npy").exists()
     # The C++ loader refuses the same file (it reads files that Python never saw).
     core = pytest.importorskip("xvalid._core")
-    with pytest.raises(core.ModelFileError):
+    with pytest.raises(core.ModelFileError) as refused:
         core.Model(str(path))
+    assert str(refused.value).startswith(f"{path}: ") and "\n" not in str(refused.value)
+    assert CPP_NEEDLES[case] in str(refused.value)
+
+
+def test_seq_len_equal_to_max_positions_is_accepted(cli, tiny_model, tmp_path):
+    """The boundary of the "positions exceed max_position_embeddings" refusal: S = 5 positions
+    with a 5-row RoPE table is a valid file, for both readers."""
+    path = tmp_path / "edge.json"
+    path.write_bytes(tiny_model.read_bytes())
+    _corrupt(path, _rope_rows(5))
+    result = cli("run", path, "-o", tmp_path / "l.npy")
+    assert result.code == 0, result.err
+    assert np.load(tmp_path / "l.npy").shape == (2, 5, 128)
+    core = pytest.importorskip("xvalid._core")
+    assert core.Model(str(path)).config["max_position_embeddings"] == 5
 
 
 @pytest.mark.parametrize("content,needle", [

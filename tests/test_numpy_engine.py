@@ -289,6 +289,13 @@ def test_fail_short(models, tmp_path):
     assert (tmp_path / "logits.bin").stat().st_size == (2 * 6 * 128 - 1) * 4
 
 
+def test_fail_long(models, tmp_path):
+    r = run_engine(models["gqa8-8"][0], tmp_path, "--fail", "long", "--no-intermediates", timeout=20)
+    assert r.returncode == 0
+    data = (tmp_path / "logits.bin").read_bytes()
+    assert len(data) == (2 * 6 * 128 + 1) * 4 and data[-4:] == data[:4]
+
+
 def test_fail_two_files(models, tmp_path):
     r = run_engine(models["gqa8-8"][0], tmp_path, "--fail", "two-files", "--no-intermediates",
                    "--no-timing", timeout=20)

@@ -1,17 +1,29 @@
 """The PyTorch reference against HF transformers' LlamaForCausalLM (eager attention, tied
-embeddings, no biases: the same computation as MiniMind2), and its own KV-cache decode."""
+embeddings, no biases: the same computation as MiniMind2), against the independent numpy
+engine (tests/engines/numpy_engine.py) intermediate by intermediate, and its own KV-cache
+decode. Only the HF comparison needs transformers."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ENGINES
 from xvalid.config import ModelConfig
 from xvalid.generate import generate_model
+from xvalid.modelfile import write_model
 from xvalid.reference import Reference, intermediate_names
 
-transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(ENGINES))
+from numpy_engine import run_model  # noqa: E402  (independent numpy forward pass)
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
 
 # (hidden, heads, kv_heads, vocab, intermediate, layers, batch, seq, pad): GQA 8/8, 8/2, 8/1,
 # odd vocab and FFN sizes, head_dim 6 and 16, left and right padding.
@@ -26,7 +38,7 @@ CONFIGS = [
 ]
 
 
-def hf_model(mf) -> "transformers.LlamaForCausalLM":
+def hf_model(transformers, mf) -> "transformers.LlamaForCausalLM":
     c = mf.config
     hc = transformers.LlamaConfig(
         hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -51,14 +63,15 @@ def hf_model(mf) -> "transformers.LlamaForCausalLM":
 
 
 @pytest.mark.parametrize("hidden,heads,kvh,vocab,inter,layers,batch,seq,pad", CONFIGS)
-def test_reference_matches_hf_llama(hidden, heads, kvh, vocab, inter, layers, batch, seq, pad):
+def test_reference_matches_hf_llama(transformers, hidden, heads, kvh, vocab, inter, layers, batch,
+                                    seq, pad):
     cfg = ModelConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kvh,
                       vocab_size=vocab, intermediate_size=inter, num_hidden_layers=layers)
     mf = generate_model(cfg, batch_size=batch, seq_len=seq, seed=hidden + seq, pad=pad)
     assert (mf.attention_mask == 0).any(), "the config must exercise padding"
     ours = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
     with torch.no_grad():
-        theirs = hf_model(mf)(input_ids=torch.from_numpy(mf.input_ids.astype(np.int64)),
+        theirs = hf_model(transformers, mf)(input_ids=torch.from_numpy(mf.input_ids.astype(np.int64)),
                               attention_mask=torch.from_numpy(mf.attention_mask.astype(np.int64))
                               ).logits.numpy()
     keep = mf.attention_mask.astype(bool)
@@ -103,7 +116,7 @@ def test_float64_reference_agrees_and_differs_only_by_rounding():
     assert 0 < err < 1e-5
 
 
-def test_capture_records_every_documented_intermediate_with_its_shape():
+def test_capture_records_every_documented_intermediate_with_its_shape(tmp_path):
     cfg = ModelConfig(num_hidden_layers=3, vocab_size=96, intermediate_size=120)
     mf = generate_model(cfg, batch_size=2, seq_len=4)
     captured = {}
@@ -118,4 +131,13 @@ def test_capture_records_every_documented_intermediate_with_its_shape():
     shapes.update({f"layer{l}.{n}": s for l in range(3) for n, s in per_layer.items()})
     assert {k: tuple(v.shape) for k, v in captured.items()} == shapes
     assert torch.equal(captured["logits"], logits)
-    assert torch.equal(captured["layer2.residual"], captured["layer2.attn_residual"] + captured["layer2.ffn_out"])
+    # Each name holds what docs/intermediates.md says: the independent numpy engine's value
+    # of the same name (float64), on unpadded rows, to float32 rounding.
+    write_model(mf, tmp_path / "m.json", progress=False)
+    _, expected = run_model(tmp_path / "m.json")
+    keep = mf.attention_mask.astype(bool)
+    for name, array in captured.items():
+        ours, theirs = array.numpy()[keep].astype(np.float64), expected[name][keep]
+        scale = np.abs(theirs).max()
+        assert scale > 1e-3, name
+        assert np.abs(ours - theirs).max() < 1e-5 * max(1.0, scale), name

@@ -32,7 +32,9 @@ def padded_inputs(rng: np.random.Generator, vocab: int, batch_size: int, seq_len
                   ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Random ids (B,S) int32 and a mask (B,S) uint8 whose last `pad_rows` rows are padded,
     alternating left, right, left, ..., each by `pad_len` positions (None: a random 1..S-1
-    per row). Each padded row keeps at least one real token; padded positions hold id 0."""
+    per row). Each padded row keeps at least one real token. Padded positions keep their
+    random ids, not one token id: with a constant id there, padded rows agree whatever the
+    attention does with them, and padding bugs go unseen."""
     ids = rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int32)
     mask = np.ones((batch_size, seq_len), np.uint8)
     padding = []
@@ -41,7 +43,7 @@ def padded_inputs(rng: np.random.Generator, vocab: int, batch_size: int, seq_len
         length = int(rng.integers(1, seq_len))  # 1 .. S-1, drawn even when fixed: same stream
         length = pad_len if pad_len is not None else length
         span = slice(0, length) if side == "left" else slice(seq_len - length, seq_len)
-        mask[row, span], ids[row, span] = 0, 0
+        mask[row, span] = 0
         padding.append({"row": row, "side": side, "length": length})
     return ids, mask, padding
 

@@ -59,6 +59,7 @@ FAIL_MODES = {
     "exit3": "print a message to stderr, exit 3, write nothing",
     "sleep": "sleep 60 s, then run normally",
     "short": "write the logits as raw float32, one float short",
+    "long": "write the logits as raw float32, one float too many",
     "none-written": "exit 0, write nothing",
     "two-files": "write the logits and a copy as extra.bin",
 }
@@ -263,12 +264,15 @@ def cast_tree(node, dtype):
     return np.asarray(node, dtype=dtype)
 
 
-def write_logits(path, logits, fmt, short=False):
-    """float32 (B,S,V): raw little-endian bytes (no header) or a .npy; short drops the last float."""
+def write_logits(path, logits, fmt, fail=None):
+    """float32 (B,S,V): raw little-endian bytes (no header) or a .npy; fail "short" drops the
+    last float, "long" appends one."""
     out = np.ascontiguousarray(logits, dtype="<f4")
     with open(path, "wb") as f:
-        if short:
+        if fail == "short":
             f.write(out.tobytes()[:-4])
+        elif fail == "long":
+            f.write(out.tobytes() + out.tobytes()[:4])
         elif fmt == "npy":
             np.save(f, out)          # a file object: np.save would append .npy to a path
         else:
@@ -279,6 +283,28 @@ def env_int(name, default):
     """A non-negative integer from the environment (the protocol's XVALID_* variables)."""
     value = os.environ.get(name, "")
     return int(value) if value.strip().isdigit() else default
+
+
+def load_model(path, dtype):
+    """(cfg, weights, cos, sin, ids, mask) of the file at path, weights in `dtype`."""
+    model = read_model(path)
+    cfg = Config.from_json(model["config"])
+    dtype = np.dtype(dtype)
+    weights = cast_tree(model["weights"], dtype)
+    weights.setdefault("lm_head", weights["tok_embedding"])      # tied
+    cos, sin = (np.asarray(model["rope"][t], dtype=dtype) for t in ("cos", "sin"))
+    ids = np.asarray(model["inputs"]["input_ids"], dtype=np.int64)
+    mask = np.asarray(model["inputs"]["attention_mask"])
+    return cfg, weights, cos, sin, ids, mask
+
+
+def run_model(path, dtype="float64", bug=None, intermediates=True):
+    """The file's inputs through forward: logits (B,S,V) and {name: intermediate} (empty
+    unless asked for), in `dtype`. Tests call this in-process as an independent reference."""
+    cfg, weights, cos, sin, ids, mask = load_model(path, dtype)
+    captured = {}
+    record = captured.__setitem__ if intermediates else (lambda name, a: None)
+    return forward(cfg, weights, cos, sin, ids, mask, bug, record), captured
 
 
 def parse_args(argv):
@@ -331,14 +357,7 @@ def main(argv=None):
         time.sleep(60)
 
     start = time.perf_counter()
-    model = read_model(args.model)
-    cfg = Config.from_json(model["config"])
-    dtype = np.dtype(args.dtype)
-    weights = cast_tree(model["weights"], dtype)
-    weights.setdefault("lm_head", weights["tok_embedding"])      # tied
-    cos, sin = (np.asarray(model["rope"][t], dtype=dtype) for t in ("cos", "sin"))
-    ids = np.asarray(model["inputs"]["input_ids"], dtype=np.int64)
-    mask = np.asarray(model["inputs"]["attention_mask"])
+    cfg, weights, cos, sin, ids, mask = load_model(args.model, args.dtype)
     load_ms = (time.perf_counter() - start) * 1e3
     S = ids.shape[1]
     if not 0 <= args.decode < S:
@@ -353,7 +372,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     ext = "npy" if args.format == "npy" else "bin"
     name = args.output_name or f"logits.{ext}"
-    write_logits(os.path.join(args.out_dir, name), logits, args.format, short=args.fail == "short")
+    write_logits(os.path.join(args.out_dir, name), logits, args.format, args.fail)
     if args.fail == "two-files":
         write_logits(os.path.join(args.out_dir, "extra.bin"), logits, "raw")
     if captured:
