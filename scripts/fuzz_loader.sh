@@ -57,9 +57,10 @@ case $json_include in  # a default directory again as -isystem would break #incl
 esac
 
 echo "fuzz_loader: building $out/fuzz_loader (clang++ $(clang++ -dumpversion), ASan + UBSan)" >&2
+cmake -DXVALID_SOURCE_DIR="$repo" -DXVALID_GENERATED_DIR="$out/generated" -P "$repo/cmake/FormatSpec.cmake"
 clang++ -std=c++17 -O1 -g -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-    -I "$repo/csrc" "${include_json[@]}" \
+    -I "$repo/csrc" -I "$out/generated" "${include_json[@]}" \
     "$repo/csrc/fuzz/fuzz_loader.cpp" "$repo/csrc/io/model_file.cpp" "$repo/csrc/io/forward_memory.cpp" \
     "$repo/csrc/kernel/ops.cpp" "$repo/csrc/kernel/transformer.cpp" \
     -o "$out/fuzz_loader"

@@ -71,7 +71,7 @@ def test_broken_engine_fails_with_the_right_first_divergence(cli, tmp_path, bug_
 
 @pytest.mark.parametrize("mode,needle", [
     ("exit3", "exited with code 3"),
-    ("short", "logits.bin: 12284 bytes of raw float32, expected 12288 (B*S*V*4 for shape [3, 8, 128])"),
+    ("short", "logits.bin: 12284 bytes of raw float32, expected 12288 (4 x 3 x 8 x 128 for shape [3, 8, 128])"),
     ("long", "logits.bin: 12292 bytes of raw float32, expected 12288"),
     ("none-written", "wrote no .npy or .bin file"),
     ("two-files", "name one with --engine-output"),
@@ -202,7 +202,7 @@ def test_plot_formats(cli, tmp_path, bug_model):
         assert result.code == 0
     root = ET.parse(svg).getroot()
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
-    assert root.get("width") == "1008pt"  # 14 inches at 72 pt
+    assert root.get("width") == "1080pt"  # 15 inches at 72 pt
     assert len(list(root.iter("{http://www.w3.org/2000/svg}path"))) > 50
     data = pdf.read_bytes()
     assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF") and len(data) > 5_000
@@ -223,7 +223,7 @@ def test_save_logits_and_plot(cli, tmp_path, bug_model):
     # the heatmap's colours, not a blank or grey page.
     from matplotlib.image import imread
     image = imread(plot)  # (height, width, RGBA) floats in [0, 1]
-    assert image.shape[1] == 14 * 110 and image.shape[2] == 4 and image.shape[0] > 300
+    assert image.shape[1] == 15 * 110 and image.shape[2] == 4 and image.shape[0] > 300
     rgb = image[..., :3]
     assert (rgb.min(axis=-1) < 0.9).mean() > 0.05  # not blank
     assert (rgb.max(axis=-1) - rgb.min(axis=-1) > 0.3).mean() > 0.02  # coloured

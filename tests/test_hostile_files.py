@@ -283,6 +283,104 @@ def test_python_and_cpp_readers_share_their_limits(monkeypatch):
     assert _core.limits()["memory_limit_mib"] == memory_limit_mib() == 1234
 
 
+def test_both_readers_take_the_format_from_the_one_description():
+    """schemas/model-format.json, read here independently of either loader, is what the C++
+    loader was built from and what the Python reader uses."""
+    from xvalid import _core, modelfile
+    from xvalid.config import FLOAT_RANGES, MAX_DIM
+
+    spec = json.loads((REPO / "python" / "xvalid" / "schemas" / "model-format.json").read_text())
+    limits = _core.limits()
+    for key in ("format", "format_version", "max_dim", "max_json_depth", "max_safetensors_header_bytes",
+                "reserved_dtypes", "required_sections", "required_config"):
+        assert limits[key] == spec[key], key
+    assert limits["storage_dtypes"] == {name: {"itemsize": d["itemsize"], "safetensors": d["safetensors"]}
+                                        for name, d in spec["storage_dtypes"].items()}
+    for name, r in spec["float_config"].items():
+        assert limits[name] == {k: r[k] for k in ("low", "high", "low_included", "high_included")} | {
+            "default": r["default"]}
+        assert FLOAT_RANGES[name].text == r["text"]
+    assert (modelfile.FORMAT_NAME, modelfile.FORMAT_VERSION, modelfile.MAX_JSON_DEPTH, MAX_DIM) == (
+        spec["format"], spec["format_version"], spec["max_json_depth"], spec["max_dim"])
+    assert {k: v.str for k, v in modelfile.STORAGE_DTYPES.items()} == {
+        k: np.dtype(d["numpy"]).str for k, d in spec["storage_dtypes"].items()}
+    assert all(np.dtype(modelfile.STORAGE_DTYPES[k]).itemsize == d["itemsize"] for k, d in spec["storage_dtypes"].items())
+    assert modelfile.RESERVED_DTYPES == tuple(spec["reserved_dtypes"])
+
+
+# ---- the two readers give the same verdict on every file -------------------------------------
+# Edits of the base model where the readers once disagreed (issue 9), and the rest of the
+# corpus: every hostile case above, every file kept in tests/data/hostile/, the fuzz seeds.
+
+def _drop_encoding(doc: dict) -> None:
+    for tensor in (doc["inputs"]["input_ids"], doc["rope"]["cos"], doc["weights"]["final_rms"]):
+        del tensor["encoding"]
+
+
+AGREEMENT_EDITS = {
+    # name -> (edit, the one message both readers write after "<path>: ", or None for "loaded")
+    "no-encoding-means-base64": (_drop_encoding, None),
+    "null-encoding-means-base64": (lambda d: d["rope"]["sin"].update(encoding=None), None),
+    "other-encoding": (lambda d: d["rope"]["sin"].update(encoding="hex"),
+                       "rope.sin: encoding expected 'base64', found 'hex'"),
+    "reserved-dtype": (lambda d: d["weights"]["final_rms"].update(dtype="bfloat16"),
+                       "weights.final_rms: dtype bfloat16 is not supported yet (format version 1 reads float32 here)"),
+    "reserved-dtype-int4": (lambda d: d["inputs"]["input_ids"].update(dtype="int4"),
+                            "inputs.input_ids: dtype int4 is not supported yet (format version 1 reads int32 here)"),
+    "unknown-dtype": (lambda d: d["weights"]["final_rms"].update(dtype="float64"),
+                      "weights.final_rms: dtype expected float32, found 'float64'"),
+    "storage-dtype-in-the-wrong-place": (lambda d: d["weights"]["final_rms"].update(dtype="int32"),
+                                         "weights.final_rms: dtype expected float32, found 'int32'"),
+    "no-inputs": (lambda d: d.pop("inputs"), "missing"),
+    "no-rope": (lambda d: d.pop("rope"), "missing"),
+    "no-lm-head-means-tied": (lambda d: d["weights"].pop("lm_head", None), None),
+}
+
+
+def verdicts(path: Path) -> tuple[str, str]:
+    """(Python's, C++'s) outcome: 'loaded' or the error message."""
+    from xvalid import _core
+    from xvalid.errors import ModelFileError
+    from xvalid.modelfile import read_model
+
+    outcomes = []
+    for load, error in ((read_model, ModelFileError), (lambda p: _core.Model(str(p)), _core.ModelFileError)):
+        try:
+            load(path)
+            outcomes.append("loaded")
+        except error as exc:
+            outcomes.append(str(exc))
+    return outcomes[0], outcomes[1]
+
+
+@pytest.mark.parametrize("name", AGREEMENT_EDITS)
+def test_both_readers_agree_on_edited_files(tmp_path, name):
+    edit, message = AGREEMENT_EDITS[name]
+    path = tmp_path / f"{name}.json"
+    path.write_bytes(edited(edit))
+    python, cpp = verdicts(path)
+    if message is None:
+        assert python == cpp == "loaded"
+    elif message == "missing":  # both refuse, each naming the section
+        section = name.removeprefix("no-")
+        assert python != "loaded" and cpp != "loaded"
+        assert section in python and section in cpp and "missing" in python and "missing" in cpp
+    else:
+        assert python == cpp == f"{path}: {message}"
+
+
+def test_both_readers_give_the_same_verdict_on_the_whole_corpus(hostile, monkeypatch):
+    files = [path for path, limit, _ in hostile.values() if limit is None]
+    files += sorted(HOSTILE_DIR.glob("*.json")) + sorted((REPO / "csrc" / "fuzz" / "seeds").glob("*.json"))
+    monkeypatch.delenv("XVALID_MEMORY_LIMIT_MB", raising=False)
+    seen = {"loaded": 0, "refused": 0}
+    for path in files:
+        python, cpp = verdicts(path)
+        assert (python == "loaded") == (cpp == "loaded"), (path.name, python, cpp)
+        seen["loaded" if python == "loaded" else "refused"] += 1
+    assert seen["loaded"] and seen["refused"], seen
+
+
 def outcome(path: Path) -> str:
     """'loaded', or the error message, from the Python reader and from the C++ loader: both the same."""
     from xvalid import _core

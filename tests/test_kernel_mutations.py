@@ -26,6 +26,17 @@ NAN = [("transformer.cpp", "op.matmul(Op::head, s.logits.data(), xb, w.lm_head, 
         "op.matmul(Op::head, s.logits.data(), xb, w.lm_head, rows, H, V);\n"
         "    s.logits[0] = __builtin_nanf(\"\");")]
 
+
+
+def rope_interleaved(file: str, indent: str) -> list[tuple[str, str, str]]:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) instead of the halves (x[j], x[j+half])."""
+    rows = lambda *lines: f"\n{indent}".join(lines)  # noqa: E731
+    return [(file, rows("float x1 = v[j], x2 = v[j + half];", "v[j] = x1 * c[j] - x2 * s[j];",
+                        "v[j + half] = x2 * c[j + half] + x1 * s[j + half];"),
+             rows("float x1 = v[2 * j], x2 = v[2 * j + 1];", "v[2 * j] = x1 * c[j] - x2 * s[j];",
+                  "v[2 * j + 1] = x2 * c[j] + x1 * s[j];"))]
+
+
 # kernel -> bug -> ([(file under csrc/kernel, old, new), ...], where it first shows (layer, sublayer))
 MUTATIONS = {
     "clear": {
@@ -33,13 +44,7 @@ MUTATIONS = {
                 (0, "attn_heads")),
         "rope-k-missing": ([("ops.cpp", "rope_forward(k, B, T, KVH, hd, p0, cos_table, sin_table);", "")],
                            (0, "k")),
-        "rope-interleaved": ([("ops.cpp", "float x1 = v[j], x2 = v[j + half];\n"
-                                          "                    v[j] = x1 * c[j] - x2 * s[j];\n"
-                                          "                    v[j + half] = x2 * c[j + half] + x1 * s[j + half];",
-                               "float x1 = v[2 * j], x2 = v[2 * j + 1];\n"
-                               "                    v[2 * j] = x1 * c[j] - x2 * s[j];\n"
-                               "                    v[2 * j + 1] = x2 * c[j] + x1 * s[j];")],
-                             (0, "q")),
+        "rope-interleaved": (rope_interleaved("ops.cpp", " " * 20), (0, "q")),
         "no-padding-mask": ([("ops.cpp", "if (key_mask && key_mask[j] == 0) s += -1e9f;", "")],
                             (0, "attn_heads")),
         # the attention output is computed but never added to the residual stream
@@ -59,13 +64,7 @@ MUTATIONS = {
                   "                const float* keys")],
                 (0, "attn_heads")),
         "rope-k-missing": ([("fast/simd_ops.cpp", "rotate_half(kg, c, s, half);", "")], (0, "k")),
-        "rope-interleaved": ([("fast/simd_ops.cpp", "float x1 = v[j], x2 = v[j + half];\n"
-                                                    "        v[j] = x1 * c[j] - x2 * s[j];\n"
-                                                    "        v[j + half] = x2 * c[j + half] + x1 * s[j + half];",
-                               "float x1 = v[2 * j], x2 = v[2 * j + 1];\n"
-                               "        v[2 * j] = x1 * c[j] - x2 * s[j];\n"
-                               "        v[2 * j + 1] = x2 * c[j] + x1 * s[j];")],
-                             (0, "q")),
+        "rope-interleaved": (rope_interleaved("fast/simd_ops.cpp", " " * 8), (0, "q")),
         "no-padding-mask": ([("fast/simd_ops.cpp", "if (key_mask[j0 + j] == 0) s[j / 8][j % 8] += -1e9f;", ";")],
                             (0, "attn_heads")),
         "attn-lost": (ATTN_LOST, (0, "attn_residual")),
@@ -96,6 +95,7 @@ def kernel_tree(tmp_path_factory):
     shutil.copy(REPO / "CMakeLists.txt", src)
     shutil.copytree(REPO / "cmake", src / "cmake")
     shutil.copytree(REPO / "csrc", src / "csrc")
+    shutil.copytree(REPO / "python" / "xvalid" / "schemas", src / "python" / "xvalid" / "schemas")  # the format
     cmake = str(TOOLS / "cmake") if (TOOLS / "cmake").exists() else "cmake"
     subprocess.run([cmake, "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Debug",  # -O0: the fastest rebuilds
                     f"-DPython_EXECUTABLE={sys.executable}",

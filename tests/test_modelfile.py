@@ -51,7 +51,8 @@ def test_rope_tables_follow_the_spec(tmp_path):
 def test_layout_doc_reader_reads_a_generated_file(tmp_path):
     """The numpy snippet in docs/model-format.md, run as written, reads our file."""
     doc = (ENGINES.parent.parent / "docs" / "model-format.md").read_text()
-    snippet = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    snippets = [part.split("```", 1)[0] for part in doc.split("```python\n")[1:]]
+    snippet = next(text for text in snippets if "model.json" in text)
     path = tmp_path / "m.json"
     write_model(generate_model(ModelConfig(), seq_len=5), path)
     scope = {"__name__": "doc"}
@@ -203,7 +204,7 @@ CPP_NEEDLES = {
     "mask shape": "inputs.attention_mask: shape [2, 4] differs from input_ids' [2, 5]",
     "format version 2": "format_version: 2 is newer than this reader supports",
     "absurd hidden": "config.hidden_size: 1000000000 exceeds the supported maximum",
-    "absurd tensor shape": "weights.tok_embedding: shape [1099511627776,1099511627776]",
+    "absurd tensor shape": "weights.tok_embedding: shape [1099511627776, 1099511627776]",
     "heads do not divide": "config.num_attention_heads: 7 does not divide hidden_size 64",
     "string config": "config.vocab_size: must be a positive integer",
     "layer count": "weights.layers: expected a list of num_hidden_layers = 2 layers, found 1",

@@ -266,7 +266,7 @@ def test_metrics_match_values_computed_from_the_saved_logits(cli, fx, tmp_path):
                          "--engine", engine(fx, tmp_path, cand))
     assert result.code == 1
     ref = np.load(saved / "reference.npy")
-    got = np.load(saved / "engine1-replay.py.npy")
+    got = np.load(saved / "replay.py.npy")
     assert ref.dtype == np.float32 and np.abs(ref - fx.exact)[fx.keep].max() < 10 * fx.noise
     r = torch.from_numpy(ref[fx.keep].astype(np.float64))  # (rows, V)
     c = torch.from_numpy(got[fx.keep].astype(np.float64))

@@ -249,9 +249,28 @@ PYBIND11_MODULE(_core, m) {
                                  py::arg("high_included") = r.high_included, py::arg("default") = r.fallback);
         }
         d["memory_limit_mib"] = xvalid::memory_limit_mib();
+        // the rest of the format description the loader was built from (io/format_spec.h)
+        namespace spec = xvalid::spec;
+        d["format"] = spec::kFormatName;
+        d["format_version"] = spec::kFormatVersion;
+        d["max_safetensors_header_bytes"] = spec::kMaxSafetensorsHeaderBytes;
+        py::dict dtypes;
+        for (const spec::StorageDtype& t : spec::kStorageDtypes) {
+            dtypes[t.name] = py::dict(py::arg("itemsize") = t.itemsize, py::arg("safetensors") = t.safetensors);
+        }
+        d["storage_dtypes"] = dtypes;
+        auto names = [](const auto& list) {
+            py::list out;
+            for (const char* name : list) out.append(name);
+            return out;
+        };
+        d["reserved_dtypes"] = names(spec::kReservedDtypes);
+        d["required_sections"] = names(spec::kRequiredSections);
+        d["required_config"] = names(spec::kRequiredConfig);
         return d;
-    }, "The loader's limits (docs/model-format.md): max_dim, max_json_depth, the float config\n"
-       "ranges, memory_limit_mib (XVALID_MEMORY_LIMIT_MB, else half the machine's memory).");
+    }, "The loader's limits and format description (docs/model-format.md): max_dim, max_json_depth,\n"
+       "the float config ranges, memory_limit_mib (XVALID_MEMORY_LIMIT_MB, else half the machine's\n"
+       "memory), format, format_version, storage_dtypes, reserved_dtypes, required sections and config.");
     m.def("build_info", []() {
         py::dict d;
         d["compiler"] = XVALID_COMPILER;

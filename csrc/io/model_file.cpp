@@ -9,8 +9,15 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
+#include <tuple>
 #include <memory>
 #include <type_traits>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -26,12 +33,12 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr int kFormatVersion = 1;  // the newest "format_version" this reader understands
+using spec::kFormatVersion;  // the newest "format_version" this reader understands
 
-// dtype names a model file may carry. Any of them other than the one a tensor needs is
-// "not supported yet"; anything else is an unknown dtype.
-constexpr const char* kKnownDtypes[] = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn",
-                                        "float8_e5m2", "int8", "uint8", "int16", "int32", "int64", "bool"};
+bool is_reserved_dtype(const std::string& name) {
+    return std::any_of(std::begin(spec::kReservedDtypes), std::end(spec::kReservedDtypes),
+                       [&](const char* d) { return name == d; });
+}
 
 // ---- base64: RFC 4648 standard alphabet, padded, no whitespace ----
 
@@ -94,6 +101,9 @@ constexpr size_t kQuoteChars = 40;
 std::string cut(const std::string& text) {
     return text.size() <= kQuoteChars ? text : text.substr(0, kQuoteChars - 3) + "...";
 }
+
+// A string as Python's repr() writes it in the Python reader's messages: 'text'.
+std::string quoted(const std::string& text) { return "'" + cut(text) + "'"; }
 
 // Appends `value` as JSON to `out`, walking at most `levels` levels of arrays and objects
 // and stopping once `out` is longer than kQuoteChars: the cost is bounded however deep or
@@ -305,6 +315,14 @@ struct TensorEntry {
     std::vector<int64_t> shape;  // each dimension in [0, kMaxDim]
     const std::string* base64;   // the "data" text, or nullptr when it was decoded while parsing
     DecodedData* decoded;        // then: its bytes
+    const uint8_t* mapped = nullptr;  // or: a safetensors tensor's bytes in the mapped file
+    size_t mapped_bytes = 0;
+};
+
+// A safetensors tensor's bytes within the mapped file (its offsets already checked).
+struct MappedSpan {
+    const uint8_t* data;
+    size_t nbytes;
 };
 
 class Reader {
@@ -332,6 +350,20 @@ public:
         }
     }
 
+    // Loads a safetensors file (docs/model-format.md, "The safetensors container"): the file
+    // is memory-mapped, its header checked (bounds, offsets, overlaps: the Python reader's
+    // st_container.py checks, with its messages) and turned into the JSON container's
+    // document, so every check after that is the JSON container's. float32 tensors stay in
+    // the mapping.
+    ModelFile load_safetensors() {
+        std::shared_ptr<const void> mapping = map_file();
+        const auto* bytes = static_cast<const uint8_t*>(mapping.get());
+        json root = safetensors_document(bytes, mapped_size_);
+        ModelFile file = load(root);
+        file.mapping = std::move(mapping);
+        return file;
+    }
+
     // The same for a text already in memory.
     ModelFile load_text(const std::string& text) {
         TextScan scan;
@@ -341,16 +373,212 @@ public:
     }
 
 private:
+    [[noreturn]] void fail_file(const std::string& what) const { throw ModelFileError(path_ + ": " + what); }
+
+    std::shared_ptr<const void> map_file() {
+        int fd = ::open(path_.c_str(), O_RDONLY);
+        if (fd < 0) fail_file(std::string("cannot open model file: ") + std::strerror(errno));
+        struct stat st {};
+        if (::fstat(fd, &st) != 0) {
+            ::close(fd);
+            fail_file(std::string("cannot read model file: ") + std::strerror(errno));
+        }
+        mapped_size_ = (size_t)st.st_size;
+        void* p = ::mmap(nullptr, mapped_size_, PROT_READ, MAP_PRIVATE, fd, 0);
+        ::close(fd);  // the mapping keeps the file
+        if (p == MAP_FAILED) fail_file(std::string("cannot map model file: ") + std::strerror(errno));
+        size_t size = mapped_size_;
+        return std::shared_ptr<const void>(p, [size](const void* q) { ::munmap(const_cast<void*>(q), size); });
+    }
+
+    // The format's dtype name for a safetensors dtype (storage and reserved ones), else `st`.
+    static std::string dtype_name(const std::string& st) {
+        for (const spec::StorageDtype& d : spec::kStorageDtypes) {
+            if (st == d.safetensors) return d.name;
+        }
+        static const std::pair<const char*, const char*> reserved[] = {
+            {"F16", "float16"}, {"BF16", "bfloat16"}, {"I8", "int8"}, {"F8_E4M3", "float8_e4m3"}, {"F8_E5M2", "float8_e5m2"}};
+        for (const auto& [from, to] : reserved) {
+            if (st == from) return to;
+        }
+        return st;
+    }
+
+    static int itemsize(const std::string& name) {
+        for (const spec::StorageDtype& d : spec::kStorageDtypes) {
+            if (name == d.name) return d.itemsize;
+        }
+        return 0;
+    }
+
+    json metadata_json(const nlohmann::ordered_json& metadata, const char* name, bool required) const {
+        auto it = metadata.find(name);
+        std::string key = std::string("__metadata__.") + name;
+        if (it == metadata.end() || it->is_null()) {
+            if (!required) return json::object();
+            fail(key, "expected JSON text, found null");
+        }
+        if (!it->is_string()) fail(key, "expected JSON text, found " + brief(json(*it)));
+        const std::string& text = it->get_ref<const std::string&>();
+        TextScan scan;
+        scan.feed(text.data(), text.size());
+        if (scan.nul_at != TextScan::npos || scan.too_deep_at != TextScan::npos) fail(key, "not valid JSON");
+        json parsed = json::parse(text, nullptr, false);
+        if (parsed.is_discarded()) fail(key, "not valid JSON");
+        return parsed;
+    }
+
+    json safetensors_document(const uint8_t* bytes, size_t size) {
+        uint64_t length = 0;
+        std::memcpy(&length, bytes, 8);  // little-endian host (checked at the top)
+        if (length > spec::kMaxSafetensorsHeaderBytes) {
+            fail_file("safetensors header: " + std::to_string(length) + " bytes is more than the limit of " +
+                      std::to_string(spec::kMaxSafetensorsHeaderBytes));
+        }
+        if (8 + length > size) {
+            fail_file("safetensors header: " + std::to_string(length) + " bytes run past the end of the file (" +
+                      std::to_string(size) + " bytes)");
+        }
+        std::string text(reinterpret_cast<const char*>(bytes) + 8, length);
+        TextScan scan;
+        scan.feed(text.data(), text.size());
+        if (scan.too_deep_at != TextScan::npos) {
+            fail_file("safetensors header: nested deeper than " + std::to_string(kMaxJsonDepth) + " levels");
+        }
+        nlohmann::ordered_json header = nlohmann::ordered_json::parse(text, nullptr, false);
+        if (header.is_discarded() || scan.nul_at != TextScan::npos) fail_file("safetensors header: not valid JSON");
+        if (!header.is_object()) fail_file("safetensors header: expected a JSON object, found " + brief(json(header)));
+
+        const uint8_t* data = bytes + 8 + length;
+        size_t data_size = size - 8 - length;
+        json root = json::object();
+        std::vector<std::tuple<uint64_t, uint64_t, std::string>> spans;
+        std::map<uint64_t, json> layers;
+        for (auto it = header.begin(); it != header.end(); ++it) {
+            const std::string& key = it.key();
+            if (key == "__metadata__") continue;
+            const auto& entry = it.value();
+            std::string where = cut(key);
+            if (!entry.is_object()) fail(where, "expected a tensor {dtype, shape, data_offsets}, found " + brief(json(entry)));
+            auto field = [&](const char* name) {
+                auto f = entry.find(name);
+                return f == entry.end() ? json() : json(*f);
+            };
+            json dtype = field("dtype"), shape = field("shape"), offsets = field("data_offsets");
+            if (!dtype.is_string()) fail(where, "dtype must be a string, found " + brief(dtype));
+            bool shape_ok = shape.is_array();
+            uint64_t numel = 1;
+            for (const json& d : shape_ok ? shape : json::array()) {
+                if (!d.is_number_unsigned() || d.get<uint64_t>() > (uint64_t)kMaxDim) {
+                    shape_ok = false;
+                    break;
+                }
+                uint64_t n = d.get<uint64_t>();
+                numel = (n != 0 && numel > (UINT64_MAX >> 2) / n) ? (UINT64_MAX >> 2) : numel * n;  // saturates
+            }
+            if (!shape_ok) fail(where, "shape must hold integers in [0, " + std::to_string(kMaxDim) + "], found " + brief(shape));
+            bool offsets_ok = offsets.is_array() && offsets.size() == 2 && offsets[0].is_number_unsigned() &&
+                              offsets[1].is_number_unsigned() && offsets[0].get<uint64_t>() <= offsets[1].get<uint64_t>() &&
+                              offsets[1].get<uint64_t>() <= data_size;
+            if (!offsets_ok) {
+                fail(where, "data_offsets " + brief(offsets) + " are not [begin, end] within the " + std::to_string(data_size) +
+                                " data bytes");
+            }
+            uint64_t begin = offsets[0].get<uint64_t>(), end = offsets[1].get<uint64_t>();
+            std::string name = dtype_name(dtype.get<std::string>());
+            if (int size_of = itemsize(name)) {
+                uint64_t needed = numel * (uint64_t)size_of;
+                if (end - begin != needed) {
+                    fail(where, "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) + "] hold " +
+                                    std::to_string(end - begin) + " bytes, shape " + brief(shape) + " " +
+                                    dtype.get<std::string>() + " needs " + std::to_string(needed));
+                }
+            }
+            spans.emplace_back(begin, end, key);
+            mapped_.push_back({data + begin, (size_t)(end - begin)});
+            json tensor = {{"dtype", name}, {"shape", shape}, {"data", json::binary({}, mapped_.size() - 1)}};
+            place_tensor(root, layers, key, std::move(tensor));
+        }
+        std::sort(spans.begin(), spans.end());
+        uint64_t covered = 0;
+        for (const auto& [begin, end, key] : spans) {
+            if (begin < covered) {
+                fail(cut(key), "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                   "] overlap another tensor's bytes");
+            }
+            if (begin > covered) {
+                fail_file("safetensors data: bytes [" + std::to_string(covered) + ", " + std::to_string(begin) +
+                          ") belong to no tensor");
+            }
+            covered = end;
+        }
+        if (covered != data_size) {
+            fail_file("safetensors data: bytes [" + std::to_string(covered) + ", " + std::to_string(data_size) +
+                      ") belong to no tensor");
+        }
+
+        nlohmann::ordered_json metadata = nlohmann::ordered_json::object();
+        if (auto m = header.find("__metadata__"); m != header.end()) {
+            if (!m->is_object()) fail("__metadata__", "expected an object, found " + brief(json(*m)));
+            metadata = *m;
+        }
+        if (auto v = metadata.find("format_version"); v != metadata.end() && !v->is_null()) {
+            const bool digits = v->is_string() && !v->get_ref<const std::string&>().empty() &&
+                                v->get_ref<const std::string&>().find_first_not_of("0123456789") == std::string::npos;
+            if (!digits) fail("format_version", "must be a positive integer, found " + brief(json(*v)));
+            const std::string& text = v->get_ref<const std::string&>();
+            // as a JSON number: beyond uint64 it becomes a double, which check_format_version refuses
+            root["format_version"] = json::parse(text.substr(0, 30), nullptr, false);
+        }
+        root["config"] = metadata_json(metadata, "config", true);
+        root["meta"] = metadata_json(metadata, "meta", false);
+        if (!layers.empty()) {
+            uint64_t count = layers.rbegin()->first + 1;
+            if (count > (uint64_t)kMaxDim) {
+                fail("weights.layers[" + std::to_string(count - 1) + "]", "layer index beyond " + std::to_string(kMaxDim));
+            }
+            json list = json::array();
+            for (uint64_t i = 0; i < count; i++) {
+                auto found = layers.find(i);
+                list.push_back(found == layers.end() ? json() : std::move(found->second));
+            }
+            root["weights"]["layers"] = std::move(list);
+        } else if (root.contains("weights")) {
+            root["weights"]["layers"] = json::array();
+        }
+        return root;
+    }
+
+    // Puts a tensor keyed "section.name" or "weights.layers[i].name" where the JSON container
+    // has it; other keys are ignored (unknown keys are, in either container).
+    static void place_tensor(json& root, std::map<uint64_t, json>& layers, const std::string& key, json tensor) {
+        const std::string prefix = "weights.layers[";
+        if (key.compare(0, prefix.size(), prefix) == 0) {
+            size_t close = key.find("].", prefix.size());
+            std::string index = key.substr(prefix.size(), close == std::string::npos ? 0 : close - prefix.size());
+            std::string name = close == std::string::npos ? "" : key.substr(close + 2);
+            bool word = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) { return std::isalnum((unsigned char)c) || c == '_'; });
+            if (!index.empty() && index.size() <= 18 && index.find_first_not_of("0123456789") == std::string::npos && word) {
+                layers[std::stoull(index)][name] = std::move(tensor);
+            }
+            return;
+        }
+        size_t dot = key.find('.');
+        if (dot == std::string::npos || key.find('.', dot + 1) != std::string::npos) return;
+        std::string section = key.substr(0, dot);
+        if (section == "inputs" || section == "rope" || section == "weights") root[section][key.substr(dot + 1)] = std::move(tensor);
+    }
+
     ModelFile load(const json& root) {
         if (!root.is_object()) fail("(top level)", "expected a JSON object, found " + brief(root));
         check_format_version(root);
+        for (const char* section : spec::kRequiredSections) object_member(root, "", section);
         ModelFile file;
         file.config = read_config(root);
         file.weights = read_weights(root, file.config, file.tensors);
-        if (const json* inputs = find(root, "inputs")) {
-            file.inputs = read_inputs(*inputs, file.config);
-            check_forward_memory(*file.inputs, file.config);
-        }
+        // required, as in the Python reader: every command runs the file's own inputs
+        file.inputs = read_inputs(object_member(root, "", "inputs"), file.config);
+        check_forward_memory(*file.inputs, file.config);
         return file;
     }
 
@@ -548,13 +776,18 @@ private:
             if (!value.is_string()) fail(t.key, std::string(field) + " must be a string, found " + brief(value));
             return value.get_ref<const std::string&>();
         };
-        const std::string& encoding = string_field("encoding");
-        if (encoding != "base64") fail(t.key, "encoding '" + encoding + "' not supported (expected base64)");
+        // absent (or null) means base64, the only encoding (docs/model-format.md)
+        if (const json* encoding = find(node, "encoding"); encoding && *encoding != "base64") {
+            fail(t.key, "encoding expected 'base64', found " +
+                            (encoding->is_string() ? quoted(encoding->get_ref<const std::string&>()) : brief(*encoding)));
+        }
         const std::string& found = string_field("dtype");
-        if (found != dtype) {
-            bool known = std::any_of(std::begin(kKnownDtypes), std::end(kKnownDtypes), [&](const char* d) { return found == d; });
-            fail(t.key, (known ? "dtype " + found + " not supported yet" : "unknown dtype '" + found + "'") +
-                            " (expected " + dtype + ")");
+        if (found != dtype) {  // the Python reader's messages (modelfile.py decode_tensor)
+            if (is_reserved_dtype(found)) {
+                fail(t.key, "dtype " + found + " is not supported yet (format version " + std::to_string(kFormatVersion) +
+                                " reads " + dtype + " here)");
+            }
+            fail(t.key, std::string("dtype expected ") + dtype + ", found " + quoted(found));
         }
         const json& shape = member(node, t.key, "shape");
         if (!shape.is_array()) fail(t.key, "shape must be a list of integers, found " + brief(shape));
@@ -565,7 +798,14 @@ private:
             t.shape.push_back(d.get<int64_t>());
         }
         const json& data = member(node, t.key, "data");
-        if (data.is_binary() && data.get_binary().has_subtype() && data.get_binary().subtype() < decoded_.size()) {
+        if (!mapped_.empty() && data.is_binary() && data.get_binary().has_subtype() &&
+            data.get_binary().subtype() < mapped_.size()) {  // a safetensors tensor
+            const MappedSpan& span = mapped_[data.get_binary().subtype()];
+            t.base64 = nullptr;
+            t.decoded = nullptr;
+            t.mapped = span.data;
+            t.mapped_bytes = span.nbytes;
+        } else if (data.is_binary() && data.get_binary().has_subtype() && data.get_binary().subtype() < decoded_.size()) {
             t.base64 = nullptr;
             t.decoded = &decoded_[data.get_binary().subtype()];
         } else {
@@ -588,6 +828,12 @@ private:
         size_t numel = 1;
         for (int64_t d : t.shape) numel *= (size_t)d;
         if (t.decoded) return take_decoded<T>(t, numel);
+        if (t.mapped) {  // a safetensors tensor, copied (used in place: see weight())
+            expect_bytes(t, t.mapped_bytes, numel * sizeof(T));
+            std::vector<T> values(numel);
+            if (numel) std::memcpy(values.data(), t.mapped, numel * sizeof(T));
+            return values;
+        }
         const std::string& text = *t.base64;
         if (text.size() % 4 != 0) fail(t.key, "invalid base64: length " + std::to_string(text.size()) + " is not a multiple of 4");
         size_t nbytes = base64_decoded_size(text);
@@ -628,15 +874,28 @@ private:
                         const std::vector<int64_t>& shape, std::vector<std::vector<float>>& tensors) const {
         TensorEntry t = entry(parent, parent_key, name, "float32");
         expect_shape(t, shape);
+        if (t.mapped && reinterpret_cast<uintptr_t>(t.mapped) % alignof(float) == 0) {
+            // safetensors, aligned: read in place, no copy (the ModelFile keeps the mapping)
+            size_t numel = 1;
+            for (int64_t d : t.shape) numel *= (size_t)d;
+            expect_bytes(t, t.mapped_bytes, numel * sizeof(float));
+            const float* values = reinterpret_cast<const float*>(t.mapped);
+            check_finite(t, values, numel);
+            return values;
+        }
         std::vector<float> values = decode<float>(t);
-        for (size_t i = 0; i < values.size(); i++) {
+        check_finite(t, values.data(), values.size());
+        tensors.push_back(std::move(values));
+        return tensors.back().data();  // stays valid as `tensors` grows: elements move, buffers do not
+    }
+
+    void check_finite(const TensorEntry& t, const float* values, size_t n) const {
+        for (size_t i = 0; i < n; i++) {
             if (!std::isfinite(values[i])) {
                 fail(t.key, "element " + std::to_string(i) + " (flat index) is " + std::to_string(values[i]) +
                                 "; weights must be finite");
             }
         }
-        tensors.push_back(std::move(values));
-        return tensors.back().data();  // stays valid as `tensors` grows: elements move, buffers do not
     }
 
     Weights read_weights(const json& root, Config& c, std::vector<std::vector<float>>& tensors) const {
@@ -726,6 +985,8 @@ private:
 
     std::string path_;
     mutable std::vector<DecodedData> decoded_;  // see DecodedData; emptied as tensors are read
+    std::vector<MappedSpan> mapped_;            // a safetensors file's tensors, by placeholder index
+    size_t mapped_size_ = 0;
 };
 
 }  // namespace
@@ -759,8 +1020,21 @@ static ModelFile guarded(const std::string& path, Load load) {
     }
 }
 
+// A safetensors file: its 8-byte header length's top byte is 0 (JSON text holds no NUL byte);
+// the Python reader's st_container.is_safetensors. Anything unreadable goes to the JSON
+// reader, which reports it.
+static bool is_safetensors_file(const std::string& path) {
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path.c_str(), "rb"), std::fclose);
+    unsigned char head[8];
+    return file && std::fread(head, 1, 8, file.get()) == 8 && head[7] == 0;
+}
+
 ModelFile load_model_file(const std::string& path) {
     Reader reader(path);
+    std::error_code ec;
+    if (!std::filesystem::is_directory(path, ec) && is_safetensors_file(path)) {
+        return guarded(path, [&] { return reader.load_safetensors(); });
+    }
     return guarded(path, [&] { return reader.load_file(); });
 }
 

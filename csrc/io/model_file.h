@@ -1,4 +1,5 @@
-// Reads the JSON model file (layout: docs/model-format.md): config, RoPE tables and
+// Reads the model file, JSON or safetensors container, told apart by content
+// (layout: docs/model-format.md): config, RoPE tables and
 // weights as base64 tensors, and optionally an example batch. The text is checked before it
 // is parsed (nesting depth), every number while it is parsed (overflow), and every value
 // after: config ranges (limits.h), each tensor (present, base64, dtype, shape against the
@@ -7,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -40,8 +42,11 @@ struct Inputs {
 struct ModelFile {
     Config config;
     Weights weights;
-    std::optional<Inputs> inputs;      // absent when the file has no "inputs"
+    std::optional<Inputs> inputs;      // always set by the loaders ("inputs" is required)
     std::vector<std::vector<float>> tensors;  // the decoded float32 tensors, one buffer each
+    // A safetensors file's memory mapping: its float32 tensors are used in place, so
+    // `weights` may point into it. Unmapped when the last owner goes.
+    std::shared_ptr<const void> mapping;
 
     ModelFile() = default;
     ModelFile(ModelFile&&) = default;

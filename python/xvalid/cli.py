@@ -90,7 +90,10 @@ def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
 @click.option("--init-std", type=float, default=0.02, show_default=True, help="Weight std")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("model.json"), show_default=True)
-def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, **sizes):
+@click.option("--format", "container", type=click.Choice(["json", "safetensors"]), default="json",
+              show_default=True, help="The file's container (docs/model-format.md).")
+def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, container,
+             **sizes):
     """Write a seeded random-weight model and its inputs as one JSON file."""
     from .generate import generate_model, logit_statistics
     from .modelfile import write_model
@@ -114,8 +117,29 @@ def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, 
     # Record the reference's logit statistics, so a later PASS is known to mean something.
     logits = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
     mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}
-    write_model(mf, output)
+    write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "container", type=click.Choice(["json", "safetensors"]),
+              help="The output's container [the other one than MODEL's]")
+def convert(model, output, container):
+    """Write MODEL (either container) as OUTPUT in the other container; tensors are copied
+    byte for byte, config and meta unchanged."""
+    from .modelfile import container_of, read_model, write_model
+
+    source = container_of(model)
+    mf = read_model(model)
+    container = container or ("json" if source == "safetensors" else "safetensors")
+    write_model(mf, output, container=container)
+    click.echo(f"{model} ({source}) -> {output} ({container})")
 
 
 # ---------------------------------------------------------------------------------------------

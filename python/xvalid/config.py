@@ -10,13 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, brief
+from .formatspec import FLOAT_CONFIG, MAX_DIM  # noqa: F401  (MAX_DIM: the limit, imported from here)
 
-# The limits below are the C++ loader's too (csrc/io/limits.h; tests/test_hostile_files.py
-# checks that they agree) and are listed in docs/model-format.md.
+# The limits come from the format description (schemas/model-format.json), which the C++
+# loader reads too; docs/model-format.md lists them.
 
-# Upper bound on any single dimension: far above real models, low enough that a typo such as
-# --hidden 1000000000 is refused before anything is allocated.
-MAX_DIM = 1 << 24
+# MAX_DIM, upper bound on any single dimension: far above real models, low enough that a typo
+# such as --hidden 1000000000 is refused before anything is allocated.
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,11 @@ class FloatRange:
             ((x <= self.high) if self.high_included else (x < self.high))
 
 
-FLOAT_RANGES = {
-    # added to mean(x^2) in float32: below 1e-30 it is on its way to rounding to 0 (then an
-    # all-zero row divides 0 by 0); 1 or more swamps the normalisation
-    "rms_norm_eps": FloatRange(1e-30, 1.0, True, False, "[1e-30, 1)"),
-    # RoPE's base: <= 1 makes the frequencies grow with the dimension; real models use 1e4..1e9
-    "rope_theta": FloatRange(1.0, 1e12, False, True, "(1, 1e12]"),
-}
+# rms_norm_eps is added to mean(x^2) in float32: below 1e-30 it is on its way to rounding to 0
+# (then an all-zero row divides 0 by 0); 1 or more swamps the normalisation. rope_theta is
+# RoPE's base: <= 1 makes the frequencies grow with the dimension; real models use 1e4..1e9.
+FLOAT_RANGES = {name: FloatRange(r["low"], r["high"], r["low_included"], r["high_included"], r["text"])
+                for name, r in FLOAT_CONFIG.items()}
 
 
 def minimind_intermediate(hidden_size: int) -> int:
@@ -57,8 +55,8 @@ class ModelConfig:
     vocab_size: int = 128  # V, rows of the (tied) embedding
     intermediate_size: int = 0  # I, SwiGLU width; 0 means the MiniMind rule
     max_position_embeddings: int = 128  # rows of the RoPE tables
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 1e6
+    rms_norm_eps: float = FLOAT_CONFIG["rms_norm_eps"]["default"]
+    rope_theta: float = FLOAT_CONFIG["rope_theta"]["default"]
     head_dim: int = field(init=False)  # hd = H / NH
     n_rep: int = field(init=False)  # query heads per kv head
 

@@ -32,23 +32,21 @@ from .config import ModelConfig
 from .errors import ConfigError, InputError, ModelFileError, brief, cut
 from .files import atomic_write
 from .memory import check_forward_memory
+from .st_container import RawTensor, is_safetensors
 
-FORMAT_NAME = "xvalid-model"
-FORMAT_VERSION = 1
+from .formatspec import (FORMAT_NAME, FORMAT_VERSION, MAX_JSON_DEPTH,  # noqa: F401
+                         RESERVED_DTYPES, REQUIRED_CONFIG, REQUIRED_SECTIONS,
+                         STORAGE_DTYPES_SPEC)
+
 PREVIEW_LEN = 16
-# Arrays and objects may be nested at most this deep (the C++ loader's limit too). A model
-# file needs 6 levels; deeper text is refused before it is parsed.
-MAX_JSON_DEPTH = 64
+# MAX_JSON_DEPTH: arrays and objects may be nested at most this deep (the C++ loader's limit
+# too). A model file needs 6 levels; deeper text is refused before it is parsed.
 
 # Storage dtypes: the `dtype` field names how the raw little-endian bytes are laid out.
-# Version 1 computes in float32; the other float and quantised types are reserved names so
-# that later versions can add them without changing how version-1 files are read.
-STORAGE_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype("<f4"),
-    "int32": np.dtype("<i4"),
-    "uint8": np.dtype("u1"),
-}
-RESERVED_DTYPES = ("float16", "bfloat16", "int8", "int4", "float8_e4m3", "float8_e5m2")
+# Version 1 computes in float32; the reserved names (RESERVED_DTYPES) let later versions add
+# other float and quantised types without changing how version-1 files are read.
+STORAGE_DTYPES: dict[str, np.dtype] = {name: np.dtype(d["numpy"])
+                                       for name, d in STORAGE_DTYPES_SPEC.items()}
 
 
 @dataclass
@@ -121,7 +119,9 @@ def encode_tensor(name: str, array: np.ndarray) -> Iterator[bytes]:
 
 def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
                   dtype: str) -> np.ndarray:
-    """Decode and check one tensor object; every failure names `key`."""
+    """Decode and check one tensor object (or a safetensors RawTensor); every failure names `key`."""
+    if isinstance(obj, RawTensor):
+        return _raw_tensor(obj, key, expected_shape, dtype)
     if not isinstance(obj, dict):
         raise ModelFileError(f"{key}: expected a tensor object, found {type(obj).__name__}")
     for required in ("shape", "dtype", "data"):
@@ -130,18 +130,8 @@ def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
     encoding = obj.get("encoding")
     if encoding is not None and encoding != "base64":  # absent (or null) means base64
         raise ModelFileError(f"{key}: encoding expected 'base64', found {encoding!r}")
-    found_dtype = obj["dtype"]
-    if found_dtype != dtype:
-        if found_dtype in RESERVED_DTYPES:
-            raise ModelFileError(f"{key}: dtype {found_dtype} is not supported yet "
-                                 f"(format version 1 reads {dtype} here)")
-        raise ModelFileError(f"{key}: dtype expected {dtype}, found {found_dtype!r}")
     shape = obj["shape"]
-    if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ModelFileError(f"{key}: shape must be a list of non-negative integers, found {shape!r}")
-    if expected_shape is not None and tuple(shape) != tuple(expected_shape):
-        raise ModelFileError(f"{key}: shape expected {list(expected_shape)}, found {shape}")
+    _check_dtype_and_shape(key, obj["dtype"], dtype, shape, expected_shape)
     data = obj["data"]
     if not isinstance(data, str):
         raise ModelFileError(f"{key}: data must be a base64 string, found {type(data).__name__}")
@@ -156,7 +146,32 @@ def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
         raise ModelFileError(f"{key}: bad base64 data ({exc})") from None
     if len(raw) != expected_bytes:
         raise ModelFileError(f"{key}: data decodes to {len(raw)} bytes, expected {expected_bytes}")
-    array = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+    return _finite(np.frombuffer(raw, dtype=np_dtype).reshape(shape), key)
+
+
+def _check_dtype_and_shape(key: str, found_dtype: Any, dtype: str, shape: Any,
+                           expected_shape: tuple[int, ...] | None) -> None:
+    if found_dtype != dtype:
+        if found_dtype in RESERVED_DTYPES:
+            raise ModelFileError(f"{key}: dtype {found_dtype} is not supported yet "
+                                 f"(format version {FORMAT_VERSION} reads {dtype} here)")
+        raise ModelFileError(f"{key}: dtype expected {dtype}, found {found_dtype!r}")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ModelFileError(f"{key}: shape must be a list of non-negative integers, found {shape!r}")
+    if expected_shape is not None and tuple(shape) != tuple(expected_shape):
+        raise ModelFileError(f"{key}: shape expected {list(expected_shape)}, found {shape}")
+
+
+def _raw_tensor(t: RawTensor, key: str, expected_shape: tuple[int, ...] | None,
+                dtype: str) -> np.ndarray:
+    """A safetensors tensor (offsets and byte length checked by st_container), copied out of
+    the mapped file."""
+    _check_dtype_and_shape(key, t.dtype, dtype, t.shape, expected_shape)
+    return _finite(np.frombuffer(t.data, dtype=STORAGE_DTYPES[dtype]).reshape(t.shape).copy(), key)
+
+
+def _finite(array: np.ndarray, key: str) -> np.ndarray:
     if array.dtype.kind == "f":
         bad = np.flatnonzero(~np.isfinite(array))
         if bad.size:
@@ -208,8 +223,7 @@ def _section(doc: dict, key: str) -> dict:
 
 def _read_config(doc: dict) -> ModelConfig:
     raw = _section(doc, "config")
-    for required in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size", "intermediate_size"):
+    for required in REQUIRED_CONFIG:
         if raw.get(required) is None:
             raise ModelFileError(f"config.{required}: missing")
     raw = {k: v for k, v in raw.items() if v is not None}  # null means absent (as in HF configs)
@@ -309,6 +323,8 @@ def parse_model(doc: Any) -> ModelFile:
     if version > FORMAT_VERSION:
         raise ModelFileError(f"format_version: {version} is newer than this reader supports "
                              f"({FORMAT_VERSION}); update xvalid")
+    for section in REQUIRED_SECTIONS:
+        _section(doc, section)
     cfg = _read_config(doc)
     rope = _section(doc, "rope")
     table = (cfg.max_position_embeddings, cfg.head_dim)
@@ -449,9 +465,30 @@ def load_json(path: str | os.PathLike) -> Any:
     return doc
 
 
+CONTAINERS = ("json", "safetensors")
+
+
+def container_of(path: str | os.PathLike) -> str:
+    """'safetensors' or 'json', by the file's first bytes (st_container.is_safetensors), not
+    its name; 'json' for anything unreadable, which load_json then reports."""
+    try:
+        with open(path, "rb") as fp:
+            return "safetensors" if is_safetensors(fp.read(8)) else "json"
+    except OSError:
+        return "json"
+
+
 def read_model(path: str | os.PathLike) -> ModelFile:
-    """Read and validate a model file; ModelFileError "{path}: {key}: ..." names the first
-    problem."""
+    """Read and validate a model file of either container; ModelFileError "{path}: {key}: ..."
+    names the first problem."""
+    if container_of(path) == "safetensors":
+        from .st_container import document, read_buffer
+        try:
+            mf = parse_model(document(read_buffer(Path(path))))
+        except ModelFileError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+        mf.source_format += " (safetensors)"
+        return mf
     doc = load_json(path)
     try:
         return parse_model(doc)
@@ -528,8 +565,12 @@ def _serialize(obj: Any, out: Callable[[bytes], None], on_leaf: Callable[[_Leaf]
         out(json.dumps(obj, allow_nan=False).encode())
 
 
-def write_model(mf: ModelFile, path: str | os.PathLike, progress: bool = True) -> None:
-    """Write `mf` atomically; shows a progress bar on stderr for large models."""
+def write_model(mf: ModelFile, path: str | os.PathLike, progress: bool = True,
+                container: str = "json") -> None:
+    """Write `mf` atomically in the container "json" or "safetensors"; the JSON writer shows a
+    progress bar on stderr for large models."""
+    if container == "safetensors":
+        return write_model_safetensors(mf, path)
     from .progress import byte_progress
     doc = _document(mf)
     total = sum(leaf.array.nbytes for leaf in _leaves(doc))
@@ -538,3 +579,14 @@ def write_model(mf: ModelFile, path: str | os.PathLike, progress: bool = True) -
             _serialize(doc, fp.write, lambda leaf: advance(leaf.array.nbytes))
             fp.write(b"\n")
         atomic_write(path, write, binary=True)
+
+
+def write_model_safetensors(mf: ModelFile, path: str | os.PathLike) -> None:
+    """The safetensors container (st_container): every tensor under its message key, config
+    and meta as JSON text in the header's __metadata__."""
+    from .st_container import write_safetensors
+    doc = _document(mf)
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                "config": json.dumps(doc["config"], allow_nan=False),
+                "meta": json.dumps(doc["meta"], allow_nan=False)}
+    write_safetensors(list(named_tensors(mf)), metadata, path)
