@@ -5,8 +5,8 @@
 Prints the table of docs/performance.md (markdown) and, with --json, every sample. Each case
 times torch and the C++ kernel alternately in the same process at the same thread count and
 reports medians, so machine noise hits both alike; the roofs (torch's 2048^3 sgemm for compute,
-a 256 MiB tensor copy for memory bandwidth) are measured in the same run. The xvalid bench
-command will supersede this script; until then it is how the table is made.
+a 256 MiB tensor copy for memory bandwidth) are measured in the same run, by the code xvalid
+bench uses (xvalid.bench.roofs), as are the flop and weight-byte counts.
 """
 
 from __future__ import annotations
@@ -28,22 +28,13 @@ import numpy as np
 import torch
 
 from xvalid.backends import CppBackend, TorchBackend
+from xvalid.bench.machine import machine_info
+from xvalid.bench.roofs import forward_flops, measure_roofs, weight_bytes_per_step
 from xvalid.config import PRESETS
 from xvalid.generate import generate_model
 from xvalid.modelfile import write_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def median_ms(fn, repeat: int, warmup: int = 1) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples), samples
 
 
 def alternate(fns: dict, repeat: int) -> dict[str, tuple[float, list[float]]]:
@@ -60,28 +51,9 @@ def alternate(fns: dict, repeat: int) -> dict[str, tuple[float, list[float]]]:
 
 
 def roofs(repeat: int) -> dict:
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    gemm_ms, _ = median_ms(lambda: torch.mm(a, b), repeat)
-    src = torch.randn(64 * 1024 * 1024)  # 256 MiB
-    dst = torch.empty_like(src)
-    copy_ms, _ = median_ms(lambda: dst.copy_(src), repeat)
-    return {"sgemm_gflops": 2 * n ** 3 / gemm_ms * 1e-6,
-            "copy_gbs": 2 * src.numel() * 4 / copy_ms * 1e-6}  # read + write
-
-
-def forward_flops(cfg, B: int, S: int) -> float:
-    H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
-    q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    matmul_params = L * (H * (q_dim + 2 * kv_dim) + q_dim * H + 3 * H * I) + V * H
-    attention = L * 4 * cfg.head_dim * cfg.num_attention_heads * B * S * (S + 1) / 2
-    return 2 * B * S * matmul_params + attention
-
-
-def weight_bytes_per_token(cfg) -> float:
-    """Bytes of weights a decode step streams: every matrix once (the head included)."""
-    return (forward_flops(cfg, 1, 1) - 4 * cfg.head_dim * cfg.num_attention_heads
-            * cfg.num_hidden_layers) / 2 * 4
+    """The roofs at torch's current thread count, measured as xvalid bench measures them."""
+    measured = measure_roofs(repeat=repeat)
+    return {"sgemm_gflops": measured["sgemm_gflops"], "copy_gbs": measured["copy_gbs"]}
 
 
 def make_model(tmp: Path, preset: str, B: int, S: int, name: str):
@@ -139,7 +111,7 @@ def decode_case(tmp, preset, context, steps, threads, repeat) -> dict:
                 samples.append((time.perf_counter() - start) * 1e3)
         per_token[name] = statistics.median(samples[1:])  # the first step warms up
         result[f"{name}_samples"] = samples
-    weight_gb = weight_bytes_per_token(mf.config) * 1e-9
+    weight_gb = weight_bytes_per_step(mf.config) * 1e-9
     result.update(torch_ms=per_token["torch"], cpp_ms=per_token["cpp"],
                   ratio=per_token["torch"] / per_token["cpp"],
                   cpp_tok_s=1e3 / per_token["cpp"], torch_tok_s=1e3 / per_token["torch"],
@@ -185,16 +157,6 @@ def runner_memory_case(tmp, preset="minimind2-small", B=1, S=128) -> dict:
     return {"case": f"peak memory of xvalid-run, {preset} B{B} S{S}", "peak_mb": peak / 2**20,
             "weights_mb": weights / 2**20, "activations_mb": (activations + kv_cache) / 2**20,
             "limit_mb": budget / 2**20, "within": peak <= budget}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown(results: dict) -> str:
@@ -247,7 +209,7 @@ def main() -> None:
     from xvalid.backends import load_core
     core = load_core()
     results = {"threads": args.threads, "repeat": args.repeat,
-               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+               "machine": {"cpu": machine_info()["cpu"], "cores": os.cpu_count(),
                            "isa": core.build_info()["fast_kernel_isa"],
                            "python": platform.python_version(), "torch": torch.__version__},
                "cases": {}}

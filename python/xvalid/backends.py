@@ -13,7 +13,8 @@ Every backend provides (Backend):
     reset_cache(); step(ids, mask) -> logits (B,T,V): the KV cache, one call at a time
     decode(ids, mask, n_prefill) -> logits (B, S-n_prefill, V), built from the two above
     set_threads(n)
-    profile(ids, mask, repeat) -> per-op times, or None where the backend has no op timers
+    profile(ids, mask, repeat) -> per-op times under shared op names (reference.OPS), or None
+                                  where the backend has no op timers
     info() -> how it was built (versions, instruction set), for reports
 External engines (separate processes) live in engines.py.
 """
@@ -21,8 +22,10 @@ External engines (separate processes) live in engines.py.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import subprocess
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,9 +136,46 @@ class TorchBackend(Backend):
     def step(self, ids, mask) -> np.ndarray:
         return self.model.forward(ids, mask, cache=self.cache).numpy()
 
+    def profile(self, ids, mask, repeat: int = 1) -> list[dict]:
+        """Per-op totals through torch.profiler, under the C++ kernel's op names (reference.
+        OPS); flops and bytes are not counted (None). One profiled forward warms the profiler
+        up and is not counted; each label's time still includes the profiler's own overhead
+        on the aten calls inside it."""
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        from . import reference
+        reference.label_ops = True
+        try:
+            with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], schedule=schedule(
+                    wait=0, warmup=1, active=repeat, repeat=1)) as prof:
+                for _ in range(repeat + 1):
+                    self.model.forward(ids, mask)
+                    prof.step()
+        finally:
+            reference.label_ops = False
+        events = {e.key: e for e in prof.key_averages() if e.key in reference.OPS}
+        return [{"op": name, "calls": events[name].count,
+                 "seconds": events[name].cpu_time_total * 1e-6, "flops": None, "bytes": None}
+                for name in reference.OPS if name in events]
+
     def info(self) -> dict:
         import torch
         return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Silence file descriptor 2 meanwhile: torch's profiler prints 'profiler_start/stop'
+    lines there from C++, which would break the one-line-per-message output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ prints them as one line on stderr; results go to stdout."""
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ def cli():
       xvalid generate --hidden 64 --layers 2 -o m.json   # seeded model + inputs
       xvalid compare m.json                             # torch vs C++: verdict, timing
       xvalid compare m.json --engine './my_engine {model} {out}'
+      xvalid bench --grid quick --out bench/            # speed grid, validated first
     Exit codes: 0 pass, 1 mismatch, 2 bad input or usage, 3 a candidate could not run
     (engine failed, C++ rebuild failed), 4 internal error.
     """
@@ -37,18 +39,47 @@ def cli():
 # generate
 
 
+# The model-size flags of generate and bench: each overrides one field of the preset.
+SIZE_FLAGS = {"hidden": "hidden_size", "layers": "num_hidden_layers",
+              "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+              "vocab": "vocab_size", "intermediate": "intermediate_size",
+              "max_pos": "max_position_embeddings", "rope_theta": "rope_theta",
+              "eps": "rms_norm_eps"}
+
+
+def size_options(fn):
+    options = [
+        click.option("--hidden", type=int, help="hidden_size H [tiny: 64]"),
+        click.option("--layers", type=int, help="num_hidden_layers [tiny: 2]"),
+        click.option("--heads", type=int, help="num_attention_heads [tiny: 8]"),
+        click.option("--kv-heads", "--kvh", "kv_heads", type=int,
+                     help="num_key_value_heads [tiny: 2]"),
+        click.option("--vocab", type=int, help="vocab_size [tiny: 128]"),
+        click.option("--intermediate", type=int,
+                     help="intermediate_size [MiniMind rule: 64*ceil(8H/3/64)]"),
+        click.option("--max-pos", type=int,
+                     help="max_position_embeddings, rows of the RoPE tables [tiny: 128]"),
+        click.option("--rope-theta", type=float, help="RoPE base [1e6]"),
+        click.option("--eps", type=float, help="rms_norm_eps [1e-5]"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
+    """The preset's config with the size flags that were given (SIZE_FLAGS) applied."""
+    base = PRESETS[preset].to_json()
+    if sizes.get("hidden") is not None and sizes.get("intermediate") is None:
+        base["intermediate_size"] = 0  # re-derive from the new hidden size
+    base.update({SIZE_FLAGS[k]: v for k, v in sizes.items() if v is not None})
+    return ModelConfig.from_json(base)
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
               help="Named config; the size flags below override its fields.")
-@click.option("--hidden", type=int, help="hidden_size H [tiny: 64]")
-@click.option("--layers", type=int, help="num_hidden_layers [tiny: 2]")
-@click.option("--heads", type=int, help="num_attention_heads [tiny: 8]")
-@click.option("--kv-heads", "--kvh", "kv_heads", type=int, help="num_key_value_heads [tiny: 2]")
-@click.option("--vocab", type=int, help="vocab_size [tiny: 128]")
-@click.option("--intermediate", type=int, help="intermediate_size [MiniMind rule: 64*ceil(8H/3/64)]")
-@click.option("--max-pos", type=int, help="max_position_embeddings, rows of the RoPE tables [tiny: 128]")
-@click.option("--rope-theta", type=float, help="RoPE base [1e6]")
-@click.option("--eps", type=float, help="rms_norm_eps [1e-5]")
+@size_options
 @click.option("--seq-len", type=int, default=5, show_default=True, help="S, tokens per input row")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="B, input rows")
 @click.option("--pad", type=int, default=None,
@@ -61,8 +92,8 @@ def cli():
               default=Path("model.json"), show_default=True)
 @click.option("--format", "container", type=click.Choice(["json", "safetensors"]), default="json",
               show_default=True, help="The file's container (docs/model-format.md).")
-def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_pos, rope_theta,
-             eps, seq_len, batch_size, pad, pad_len, seed, init_std, output, container):
+def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, container,
+             **sizes):
     """Write a seeded random-weight model and its inputs as one JSON file."""
     from .generate import generate_model, logit_statistics
     from .modelfile import write_model
@@ -70,15 +101,7 @@ def generate(preset, hidden, layers, heads, kv_heads, vocab, intermediate, max_p
     from .report import print_generate_summary
 
     start = time.perf_counter()
-    overrides = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-                 "num_key_value_heads": kv_heads, "vocab_size": vocab,
-                 "intermediate_size": intermediate, "max_position_embeddings": max_pos,
-                 "rope_theta": rope_theta, "rms_norm_eps": eps}
-    base = PRESETS[preset].to_json()
-    if hidden is not None and intermediate is None:
-        base["intermediate_size"] = 0  # re-derive from the new hidden size
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = ModelConfig.from_json(base)
+    cfg = config_from_flags(preset, sizes)
     mf = generate_model(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed, pad=pad,
                         init_std=init_std, pad_len=pad_len)
     # Every flag spelled out: the file says how to make it again (compare's reproduce line).
@@ -251,10 +274,10 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, 
                           threads=threads, warmup=warmup, repeat=repeat,
                           intermediates=intermediates, argv=_compare_argv(ctx))
     with stderr_console.status("comparing", spinner="dots") as status:
-        report = run_compare(model, opts, progress=lambda text: status.update(text))
-    arrays = report.pop("_arrays")
+        result = run_compare(model, opts, progress=lambda text: status.update(text))
+    report = result.report
     if save_logits is not None:  # candidate names are file-name safe ([A-Za-z0-9_.-])
-        save_arrays(save_logits, arrays)
+        save_arrays(save_logits, result.arrays)
     json_to_stdout = json_path == Path("-")
     if json_path is not None:
         text = report_json(report)
@@ -290,6 +313,125 @@ def _compare_argv(ctx: click.Context) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# bench
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--preset", "presets", metavar="NAME[,NAME]",
+              help=f"Model presets to generate (no file needed), from: {', '.join(PRESETS)} "
+                   f"[minimind2-small]; the size flags below override their fields.")
+@size_options
+@click.option("--seed", type=int, default=123, show_default=True,
+              help="Generated weights and every cell's input tokens.")
+@click.option("--grid", default="default", show_default=True,
+              type=click.Choice(["quick", "default", "large"]),
+              help="Grid preset: quick (about a minute), default, large; --batch, --seq and --gen "
+                   "replace its axes.")
+@click.option("--batch", metavar="LIST", help="Batch sizes: 1,2,4 or a range 1-8*2.")
+@click.option("--seq", metavar="LIST", help="Prompt lengths: 32,128,512 or 32-512*2 or 16-64+16.")
+@click.option("--gen", metavar="LIST", help="Decode steps after the prompt (0: prefill only).")
+@click.option("--threads", metavar="LIST", help="Thread counts [torch's default].")
+@click.option("--backends", default=",".join(DEFAULT_BACKENDS), show_default=True,
+              callback=_backend_list,
+              help=f"Built-in backends, comma separated, from: {', '.join(backend_names())}.")
+@click.option("--engine", "engines", multiple=True, metavar="'[NAME=]CMD {model} {out}'",
+              help="External engine (repeatable), timed through its timing.json (docs/engines.md).")
+@click.option("--engine-output", metavar="FILE", help="The engine's logits file name in {out}.")
+@click.option("--engine-timeout", type=click.FloatRange(min=0, min_open=True), default=300,
+              show_default=True, help="Seconds before an engine run is killed.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Untimed runs per backend and cell after the validation run.")
+@click.option("--repeat", type=click.IntRange(min=1),
+              help="Timed runs per backend and cell, at least [grid: quick 3, else 5].")
+@click.option("--min-time", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Seconds of timed runs per backend and cell, at least [quick 0.2, default 1, "
+                   "large 2].")
+@click.option("--profile", is_flag=True,
+              help="Benchmark one cell (the first value of each axis) and print its per-op time "
+                   "table, torch and C++ side by side.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write bench.json, bench.csv, bench.md and the PNG plots into DIR.")
+@click.option("--compare", "compare_files", nargs=2, metavar="OLD.json NEW.json",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Compare two bench.json files and run nothing: exit 1 when a row got slower "
+                   "beyond --threshold and its spread.")
+@click.option("--threshold", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              metavar="PCT", help="With --compare: the slowdown in percent that fails.")
+@click.pass_context
+def bench(ctx, model, presets, seed, grid, batch, seq, gen, threads, backends, engines,
+          engine_output, engine_timeout, warmup, repeat, min_time, profile, out, compare_files,
+          threshold, **sizes):
+    """Prefill and decode speed over a batch x prompt-length grid, every backend validated
+    against the reference before it is timed. Exit 0 all valid, 1 a backend INVALID (or with
+    --compare: a regression), 3 an engine failed, 130 interrupted (what was measured is kept)."""
+    from .report import console
+
+    if compare_files:
+        if model is not None or out is not None or profile:
+            raise click.UsageError("--compare OLD.json NEW.json compares two files and runs "
+                                   "nothing: drop MODEL, --out and --profile")
+        from .bench.gate import compare_runs, load_bench, print_gate
+        gate = compare_runs(*(load_bench(path) for path in compare_files), threshold)
+        print_gate(gate, *compare_files, console)
+        return gate.exit_code
+    if any(REGISTRY[name].uses_core for name in backends):
+        from .backends import start_loading_core
+        start_loading_core()  # a pending C++ rebuild overlaps the import of torch
+    import torch
+
+    from .bench.grid import GRID_PRESETS, parse_axis
+    from .bench.live import LiveView
+    from .bench.output import print_bench, write_outputs
+    from .bench.run import BenchOptions, ModelSpec, run_bench
+
+    if not backends and not engines:
+        raise click.UsageError("nothing to benchmark: give --backends and/or --engine")
+    preset = GRID_PRESETS[grid]
+    opts = BenchOptions(
+        models=_bench_models(model, presets, sizes, ModelSpec),
+        batch=parse_axis(batch, "--batch") if batch else list(preset.batch),
+        seq=parse_axis(seq, "--seq") if seq else list(preset.seq),
+        gen=parse_axis(gen, "--gen", minimum=0) if gen else list(preset.gen),
+        threads=parse_axis(threads, "--threads") if threads else [torch.get_num_threads()],
+        backends=backends, engines=engines, engine_output=engine_output,
+        engine_timeout=engine_timeout, warmup=warmup,
+        repeat=repeat if repeat is not None else preset.repeat,
+        min_time=min_time if min_time is not None else preset.min_time, seed=seed,
+        profile=profile, grid=grid, command=shlex.join(["xvalid", *(ctx.obj or {}).get("argv", [])]))
+    result = run_bench(opts, LiveView())
+    written = write_outputs(result, out) if out is not None else []
+    print_bench(result, console)
+    if written:
+        console.print(f"wrote {', '.join(path.name for path in written)} in {out}", markup=False)
+    if result.partial:
+        kept = f"; what was measured is in {out}" if out is not None else ""
+        click.echo(f"xvalid bench: interrupted during {result.interrupted_at}{kept} "
+                   f"(marked partial)", err=True)
+    return result.exit_code
+
+
+def _bench_models(model: Path | None, presets: str | None, sizes: dict, ModelSpec) -> list:
+    """The models of a bench run: the MODEL file, or each --preset (minimind2-small when
+    neither is given) with the size flags applied."""
+    given = {k: v for k, v in sizes.items() if v is not None}
+    if model is not None:
+        if presets or given:
+            raise click.UsageError("give a MODEL file or --preset / size flags, not both")
+        if not model.is_file():
+            raise click.BadParameter(f"{model}: no such file", param_hint="MODEL")
+        return [ModelSpec(model.name, path=model)]
+    names = [n.strip() for n in (presets or "minimind2-small").split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown preset {unknown[0] if unknown else presets!r} "
+                                 f"(choose from {', '.join(PRESETS)})", param_hint="--preset")
+    suffix = "".join(f"-{flag.replace('_', '')}{value:g}" for flag, value in given.items())
+    return [ModelSpec(name + suffix, config=config_from_flags(name, sizes))
+            for name in dict.fromkeys(names)]
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -301,7 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry: exit codes per errors.py; no traceback unless XVALID_DEBUG=1."""
     command = "xvalid"
     try:
-        code = cli.main(args=argv, prog_name="xvalid", standalone_mode=False)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        code = cli.main(args=argv, prog_name="xvalid", standalone_mode=False,
+                        obj={"argv": argv})
         sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -5,8 +5,12 @@ from which the default tolerance is derived (metrics.POLICIES). For each candida
 backends and external engines) the report holds: logit metrics on unpadded rows, a verdict,
 the first divergent intermediate when intermediates exist, decode drift (--decode N; the same
 check for backends and engines, and an explicit "not supported" for an engine that cannot
-decode) and timing at one thread count. The report is a plain JSON-able dict (schema:
-schemas/compare-report.schema.json); report.py renders it.
+decode) and timing at one thread count.
+
+run_compare is five named steps: run_reference, run_candidates, judge, time_candidates,
+build_report. It returns a CompareResult: the plain JSON-able report (schema:
+schemas/compare-report.schema.json; report.py renders it) and, beside it, the logits.
+xvalid bench validates every cell of its grid with the same steps.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .backends import (BUILTIN_BACKENDS, DEFAULT_BACKENDS, Backend, BackendSpec,
 from .engines import (DECODE_FILES, PROTOCOL_VERSION, EngineRequest, EngineResult,
                       ExternalEngine, make_engines)
 from .errors import EXIT_ENGINE, EXIT_FAIL, EXIT_PASS, EngineError, InputError
-from .metrics import POLICIES, logit_metrics, tensor_error, within
+from .metrics import POLICIES, TolerancePolicy, logit_metrics, tensor_error, within
 from .modelfile import ModelFile, read_model
 from .reference import intermediate_names
 from .timing import Timing, time_call
@@ -54,8 +58,10 @@ class CompareOptions:
 class Candidate:
     name: str
     kind: str  # "reference", "backend" or "engine"
-    logits: np.ndarray | None = None
+    logits: np.ndarray | None = None  # (B,S,V): the full forward (bench: a prefill of S tokens)
     intermediates: dict | None = None
+    decode_logits: np.ndarray | None = None  # (B,N,V) with --decode N; None: not asked, or
+                                             # an engine that wrote none
     error: str | None = None  # the engine failed to produce output
     engine: ExternalEngine | None = None
     result: EngineResult | None = None  # what the engine wrote (engines only)
@@ -137,7 +143,7 @@ def decode_not_supported(prefill: int, reason: str) -> dict:
             "first_failing_step": None, "reason": reason}
 
 
-def _versions(backend_info: dict[str, dict]) -> dict:
+def versions(backend_info: dict[str, dict]) -> dict:
     """Versions of everything that ran; `backends` has each built-in candidate's info()."""
     import torch
     out = {"xvalid": __version__, "python": platform.python_version(), "numpy": np.__version__,
@@ -157,14 +163,91 @@ def repro_command(mf: ModelFile, model: Path, opts: CompareOptions) -> str:
     return compare
 
 
+# ---------------------------------------------------------------------------------------------
+# The steps. run_compare calls them in this order; xvalid bench reuses reference, candidates
+# (load_backend, run_engine), judge and time_engine on every cell of its grid.
+
+
+@dataclass
+class ReferenceRun:
+    """The torch reference on one input: float32 (what candidates are compared with) and
+    float64 (which measures the float32 reference's own rounding noise)."""
+
+    logits: np.ndarray                  # float32 reference, (B, S, V)
+    logits64: np.ndarray                # float64 reference, (B, S, V)
+    mask: np.ndarray                    # (B, S) 0/1
+    intermediates: dict | None = None   # float32, by name, when captured
+    intermediates64: dict | None = None
+
+    @property
+    def keep(self) -> np.ndarray:
+        """(B, S) bool: the unpadded positions, where every metric is taken."""
+        return self.mask.astype(bool)
+
+    @property
+    def noise(self) -> float:
+        """Max |float32 - float64| over unpadded rows: the reference's rounding noise."""
+        keep = self.keep
+        return float(np.abs(self.logits[keep] - self.logits64[keep]).max())
+
+    @property
+    def absmax(self) -> float:
+        return float(np.abs(self.logits[self.keep]).max())
+
+
+def run_reference(ref32: TorchBackend, ref64: TorchBackend, ids: np.ndarray, mask: np.ndarray,
+                  capture: bool) -> ReferenceRun:
+    """Step 1: the float32 and float64 forwards of (ids, mask); intermediates only when asked
+    for (for a large model they are hundreds of MB each)."""
+    logits32, inter32 = ref32.forward(ids, mask, capture=capture)
+    logits64, inter64 = ref64.forward(ids, mask, capture=capture)
+    return ReferenceRun(logits32, logits64, np.asarray(mask), inter32, inter64)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The budget every candidate is judged by: atol from the reference's noise (metrics.
+    POLICIES) unless given, rtol as given or the policy's."""
+
+    atol: float
+    rtol: float
+    atol_given: bool
+    noise: float    # ReferenceRun.noise
+    absmax: float   # ReferenceRun.absmax
+    policy: TolerancePolicy = POLICIES["float32"]
+
+    def to_json(self) -> dict:
+        p = self.policy
+        return {"dtype": p.dtype, "atol": self.atol, "rtol": self.rtol,
+                "atol_source": "--atol" if self.atol_given else
+                f"max({p.noise_factor:g} x reference noise, "
+                f"{p.atol_floor:g} x max(1, max|logits|))",
+                "reference_noise": self.noise, "reference_absmax": self.absmax}
+
+
+def derive_tolerance(ref: ReferenceRun, atol: float | None = None,
+                     rtol: float | None = None) -> Tolerance:
+    policy = POLICIES["float32"]
+    noise, absmax = ref.noise, ref.absmax
+    return Tolerance(atol if atol is not None else policy.atol(noise, absmax),
+                     rtol if rtol is not None else policy.rtol, atol is not None, noise, absmax,
+                     policy)
+
+
+def load_backend(spec: BackendSpec, model: Path, mf: ModelFile) -> tuple[Backend, float]:
+    """A registered backend and its load time in ms (the compiled module is imported, and in
+    an editable install rebuilt, before the clock starts)."""
+    if spec.uses_core:
+        load_core()
+    start = time.perf_counter()
+    backend = spec.create(model, mf)
+    return backend, (time.perf_counter() - start) * 1e3
+
+
 def run_backend(spec: BackendSpec, model: Path, mf: ModelFile, threads: int,
                 capture: bool) -> tuple[Candidate, Backend]:
     """Load a registered backend (timed apart from the forward) and run the file's inputs."""
-    if spec.uses_core:
-        load_core()  # import (and in an editable install, rebuild) before the clock starts
-    start = time.perf_counter()
-    backend = spec.create(model, mf)
-    load_ms = (time.perf_counter() - start) * 1e3
+    backend, load_ms = load_backend(spec, model, mf)
     backend.set_threads(threads)
     logits, inter = backend.forward(mf.input_ids, mf.attention_mask, capture=capture)
     cand = Candidate(spec.name, "backend", logits, inter)
@@ -183,6 +266,7 @@ def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, int, int],
         cand.error = str(exc)
         return cand
     cand.logits = result.logits
+    cand.decode_logits = result.decode_logits
     if result.intermediates or result.unknown_intermediates:
         cand.intermediates = result.intermediates
     cand.report.update(process_ms=result.process_ms, wrote=result.files,
@@ -192,18 +276,73 @@ def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, int, int],
     return cand
 
 
-def check_decode(cand: Candidate, backend, mf: ModelFile, reference_logits: np.ndarray,
-                 steps: int, atol: float, rtol: float) -> dict:
-    """Decode drift of one candidate: a backend decodes in-process; an engine's decode logits
-    are what it wrote (none: 'not supported by this engine')."""
-    if backend is not None:
-        decoded = backend.decode(mf.input_ids, mf.attention_mask, mf.seq_len - steps)
-    else:
-        decoded = cand.result.decode_logits
-        if decoded is None:
-            return decode_not_supported(mf.seq_len - steps, "not supported by this engine: it "
-                                        f"wrote no {' or '.join(DECODE_FILES)}")
-    return decode_drift(decoded, mf.attention_mask, reference_logits, atol, rtol)
+def run_candidates(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
+                   engines: list[ExternalEngine], ref32: TorchBackend, ref: ReferenceRun,
+                   torch_load_ms: float, request: EngineRequest, progress
+                   ) -> tuple[list[Candidate], dict[str, Backend]]:
+    """Step 2: every candidate's logits (and decode logits with --decode). The torch
+    candidate is the float32 reference run itself. Returns the candidates in report order
+    and the in-process backends by name (for timing)."""
+    candidates: list[Candidate] = []
+    backends: dict[str, Backend] = {}
+    for name in opts.backends:
+        spec = get_spec(name)
+        if spec.reference:
+            cand = Candidate(name, "reference", ref.logits, ref.intermediates)
+            cand.report["load_ms"] = torch_load_ms
+            backends[name] = ref32
+        else:
+            progress(f"running {name}")
+            cand, backends[name] = run_backend(spec, model, mf, threads, opts.intermediates)
+        if opts.decode:
+            progress(f"decoding {name}")
+            cand.decode_logits = backends[name].decode(mf.input_ids, mf.attention_mask,
+                                                       mf.seq_len - opts.decode)
+        candidates.append(cand)
+    shapes = ({name: array.shape for name, array in ref.intermediates.items()}
+              if ref.intermediates is not None else None)
+    for engine in engines:
+        progress(f"running {engine.name}")
+        candidates.append(run_engine(engine, model, ref.logits.shape, request, shapes))
+    return candidates, backends
+
+
+def check_decode(cand: Candidate, ref: ReferenceRun, steps: int, tol: Tolerance) -> dict:
+    """Decode drift of one candidate from its decode logits; an engine that wrote none does
+    not support decode (said, never passed)."""
+    if cand.decode_logits is None:
+        return decode_not_supported(ref.mask.shape[1] - steps, "not supported by this engine: "
+                                    f"it wrote no {' or '.join(DECODE_FILES)}")
+    return decode_drift(cand.decode_logits, ref.mask, ref.logits, tol.atol, tol.rtol)
+
+
+def judge(candidates: list[Candidate], ref: ReferenceRun, tol: Tolerance, decode_steps: int = 0,
+          names: list[str] = ()) -> None:
+    """Step 3: each candidate's status (pass, fail, error) with its metrics, first divergence
+    (when it has intermediates) and decode drift, into cand.report. A candidate's logits may
+    cover the first S positions of the reference's only (bench: the prefill of a prompt);
+    they are compared there."""
+    budgets = (intermediate_budgets(ref.intermediates, ref.intermediates64, ref.keep, tol.policy)
+               if ref.intermediates is not None else {})
+    for cand in candidates:
+        r = cand.report
+        r.update(name=cand.name, kind=cand.kind)
+        if cand.error:
+            r.update(status="error", error=cand.error)
+            continue
+        S = cand.logits.shape[1]
+        keep = ref.keep[:, :S]
+        # The reference row is measured against float64: its own noise, a sanity check.
+        against = (ref.logits64 if cand.kind == "reference" else ref.logits)[:, :S]
+        r["metrics"] = logit_metrics(cand.logits, against, keep, tol.atol, tol.rtol, 2 * tol.atol)
+        if cand.intermediates is not None and cand.kind != "reference":
+            r["divergence"] = divergence(cand.intermediates, ref.intermediates, budgets, keep,
+                                         names)
+        r["status"] = "pass" if r["metrics"]["pass"] else "fail"
+        if decode_steps:
+            r["decode"] = check_decode(cand, ref, decode_steps, tol)
+            if r["decode"]["status"] == "fail":
+                r["status"] = "fail"
 
 
 def time_forward(backend, mf: ModelFile, threads: int, opts: CompareOptions) -> dict:
@@ -232,88 +371,11 @@ def time_engine(cand: Candidate, model: Path, request: EngineRequest) -> dict:
     return out
 
 
-def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None) -> dict:
-    """Everything `xvalid compare` computes, as a JSON-able report with an `exit_code`."""
-    import torch
-
-    if opts.decode < 0:
-        raise InputError("--decode must be >= 0")
-    # Names taken by the built-in candidates and by --save-logits' reference files.
-    taken = {*BUILTIN_BACKENDS, "reference", "reference-float64"}
-    engines = make_engines(opts.engines, taken, opts.engine_timeout, opts.engine_output)
-    progress("reading the model file")
-    start = time.perf_counter()
-    mf = read_model(model)
-    parse_s = time.perf_counter() - start
-    if opts.decode and not opts.decode < mf.seq_len:
-        raise InputError(f"--decode {opts.decode} needs at least one prefill token "
-                         f"(the inputs have S = {mf.seq_len} tokens)")
-    keep = mf.attention_mask.astype(bool)
-    if not keep.any():
-        raise InputError("every input position is padding: nothing to compare")
-    threads = opts.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-
-    progress("running the reference (float32 and float64)")
-    start = time.perf_counter()
-    ref32 = TorchBackend(mf, "float32")
-    torch_load_s = parse_s + time.perf_counter() - start
-    ref64 = TorchBackend(mf, "float64")
-    # Intermediates only when asked for: for a large model they are hundreds of MB each.
-    logits32, inter32 = ref32.forward(mf.input_ids, mf.attention_mask, capture=opts.intermediates)
-    logits64, inter64 = ref64.forward(mf.input_ids, mf.attention_mask, capture=opts.intermediates)
-    noise = float(np.abs(logits32[keep] - logits64[keep]).max())
-    ref_absmax = float(np.abs(logits32[keep]).max())
-    policy = POLICIES["float32"]
-    atol = opts.atol if opts.atol is not None else policy.atol(noise, ref_absmax)
-    rtol = opts.rtol if opts.rtol is not None else policy.rtol
-    names = intermediate_names(mf.config.num_hidden_layers)
-
-    candidates: list[Candidate] = []
-    backends: dict[str, Backend] = {}
-    for name in opts.backends:
-        spec = get_spec(name)
-        if spec.reference:
-            cand = Candidate(name, "reference", logits32, inter32)
-            cand.report["load_ms"] = torch_load_s * 1e3
-            backends[name] = ref32
-        else:
-            progress(f"running {name}")
-            cand, backends[name] = run_backend(spec, model, mf, threads, opts.intermediates)
-        candidates.append(cand)
-    request = EngineRequest(mf.seq_len, opts.decode, threads, opts.repeat, opts.warmup,
-                            opts.intermediates)
-    shapes = {name: inter32[name].shape for name in names} if opts.intermediates else None
-    for engine in engines:
-        progress(f"running {engine.name}")
-        candidates.append(run_engine(engine, model, logits32.shape, request, shapes))
-
-    progress("computing metrics")
-    budgets = intermediate_budgets(inter32, inter64, keep, policy) if opts.intermediates else {}
-    for cand in candidates:
-        r = cand.report
-        r.update(name=cand.name, kind=cand.kind)
-        if cand.error:
-            r.update(status="error", error=cand.error)
-            continue
-        # The reference row is measured against float64: its own noise, a sanity check.
-        against = logits64 if cand.kind == "reference" else logits32
-        r["metrics"] = logit_metrics(cand.logits, against, keep, atol, rtol, 2 * atol)
-        if cand.intermediates is not None and cand.kind != "reference":
-            r["divergence"] = divergence(cand.intermediates, inter32, budgets, keep, names)
-        r["status"] = "pass" if r["metrics"]["pass"] else "fail"
-
-    if opts.decode:
-        for cand in candidates:
-            if cand.error:
-                continue
-            progress(f"decode drift: {cand.name}")
-            drift = check_decode(cand, backends.get(cand.name), mf, logits32, opts.decode,
-                                 atol, rtol)
-            cand.report["decode"] = drift
-            if drift["status"] == "fail":
-                cand.report["status"] = "fail"
-
+def time_candidates(candidates: list[Candidate], backends: dict[str, Backend], model: Path,
+                    mf: ModelFile, threads: int, opts: CompareOptions, request: EngineRequest,
+                    progress) -> None:
+    """Step 4: forward timing of every candidate that ran, and the ratio to torch. A timing
+    run that fails turns an engine's status into an error."""
     for cand in candidates:
         progress(f"timing {cand.name}")
         if cand.name in backends:
@@ -331,10 +393,15 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
         if torch_ms and timing and timing["measures"] == "forward":
             timing["ratio_to_torch"] = timing["median_ms"] / torch_ms
 
+
+def build_report(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
+                 tol: Tolerance, candidates: list[Candidate], backends: dict[str, Backend]) -> dict:
+    """Step 5: the JSON-able report (schemas/compare-report.schema.json) with its verdict."""
     statuses = [c.report["status"] for c in candidates]
     exit_code = (EXIT_ENGINE if "error" in statuses else EXIT_FAIL if "fail" in statuses
                  else EXIT_PASS)
     c = mf.config
+    keep = mf.attention_mask.astype(bool)
     return {
         "schema": REPORT_SCHEMA,
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -342,22 +409,16 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
                   "seed": mf.meta["seed"] if isinstance(mf.meta.get("seed"), int) else None,
                   "batch_size": mf.batch_size, "seq_len": mf.seq_len,
                   "unpadded_rows": int(keep.sum()), "padded_rows": int((~keep).sum())},
-        "versions": _versions({name: b.info() for name, b in backends.items()}),
+        "versions": versions({name: b.info() for name, b in backends.items()}),
         "threads": threads,
         "engine_protocol": PROTOCOL_VERSION,
-        "tolerance": {"dtype": policy.dtype, "atol": atol, "rtol": rtol,
-                      "atol_source": "--atol" if opts.atol is not None else
-                      f"max({policy.noise_factor:g} x reference noise, "
-                      f"{policy.atol_floor:g} x max(1, max|logits|))",
-                      "reference_noise": noise, "reference_absmax": ref_absmax},
+        "tolerance": tol.to_json(),
         "decode_steps": opts.decode,
         "candidates": [c.report for c in candidates],
         "unchecked": unchecked(candidates),
         "verdict": {EXIT_PASS: "pass", EXIT_FAIL: "fail", EXIT_ENGINE: "error"}[exit_code],
         "exit_code": exit_code,
         "repro": repro_command(mf, model, opts) if exit_code != EXIT_PASS else None,
-        "_arrays": {"reference": logits32, "reference-float64": logits64,
-                    **{c.name: c.logits for c in candidates if c.logits is not None}},
     }
 
 
@@ -368,3 +429,69 @@ def unchecked(candidates: list[Candidate]) -> list[dict]:
     return [{"candidate": c.name, "check": "decode", "reason": c.report["decode"]["reason"]}
             for c in candidates
             if c.report.get("decode", {}).get("status") == "not supported"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+@dataclass
+class CompareResult:
+    """What run_compare computed: the JSON-able report and, beside it, the arrays."""
+
+    report: dict                     # schemas/compare-report.schema.json, with its exit_code
+    arrays: dict[str, np.ndarray]    # logits by name: reference, reference-float64, candidates
+
+    @property
+    def exit_code(self) -> int:
+        return self.report["exit_code"]
+
+
+def prepare(model: Path, opts: CompareOptions, progress) -> tuple[ModelFile, list[ExternalEngine], float]:
+    """Options and the model file checked before anything runs: (the file, the engines, the
+    seconds spent parsing it)."""
+    if opts.decode < 0:
+        raise InputError("--decode must be >= 0")
+    # Names taken by the built-in candidates and by --save-logits' reference files.
+    taken = {*BUILTIN_BACKENDS, "reference", "reference-float64"}
+    engines = make_engines(opts.engines, taken, opts.engine_timeout, opts.engine_output)
+    progress("reading the model file")
+    start = time.perf_counter()
+    mf = read_model(model)
+    parse_s = time.perf_counter() - start
+    if opts.decode and not opts.decode < mf.seq_len:
+        raise InputError(f"--decode {opts.decode} needs at least one prefill token "
+                         f"(the inputs have S = {mf.seq_len} tokens)")
+    if not mf.attention_mask.astype(bool).any():
+        raise InputError("every input position is padding: nothing to compare")
+    return mf, engines, parse_s
+
+
+def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None) -> CompareResult:
+    """Everything `xvalid compare` computes: prepare, reference, candidates, judge, time,
+    report."""
+    import torch
+
+    mf, engines, parse_s = prepare(model, opts, progress)
+    threads = opts.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    progress("running the reference (float32 and float64)")
+    start = time.perf_counter()
+    ref32 = TorchBackend(mf, "float32")
+    torch_load_ms = (parse_s + time.perf_counter() - start) * 1e3
+    ref = run_reference(ref32, TorchBackend(mf, "float64"), mf.input_ids, mf.attention_mask,
+                        opts.intermediates)
+    tol = derive_tolerance(ref, opts.atol, opts.rtol)
+
+    request = EngineRequest(mf.seq_len, opts.decode, threads, opts.repeat, opts.warmup,
+                            opts.intermediates)
+    candidates, backends = run_candidates(model, mf, opts, threads, engines, ref32, ref,
+                                          torch_load_ms, request, progress)
+    progress("computing metrics")
+    judge(candidates, ref, tol, opts.decode, intermediate_names(mf.config.num_hidden_layers))
+    time_candidates(candidates, backends, model, mf, threads, opts, request, progress)
+    report = build_report(model, mf, opts, threads, tol, candidates, backends)
+    arrays = {"reference": ref.logits, "reference-float64": ref.logits64,
+              **{c.name: c.logits for c in candidates if c.logits is not None}}
+    return CompareResult(report, arrays)

@@ -9,6 +9,7 @@ recorded into a dict when one is passed as `capture`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import fields
 
@@ -19,6 +20,18 @@ import torch.nn.functional as F
 from .modelfile import LayerWeights, ModelFile, check_inputs
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# The op names of the per-op profile, shared with the C++ kernel's timers (csrc/kernel/
+# profile.h), in forward order. forward() labels its ops with them for torch.profiler while
+# label_ops is on (TorchBackend.profile); off, a label is a shared no-op context.
+OPS = ("embedding", "rmsnorm", "q_proj", "k_proj", "v_proj", "rope", "attention", "o_proj",
+       "gate_up_swiglu", "down_proj", "head")
+label_ops = False
+_NO_LABEL = contextlib.nullcontext()
+
+
+def op(name: str):
+    return torch.profiler.record_function(name) if label_ops else _NO_LABEL
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -105,30 +118,45 @@ class Reference:
         cos, sin = self.cos[p0:p0 + S], self.sin[p0:p0 + S]
         bias = attention_bias(mask, p0, S, self.dtype)
 
-        x = self.embed[ids]
+        with op("embedding"):
+            x = self.embed[ids]
         keep("embedding", x)
         for l, w in enumerate(self.layers):
-            a = rmsnorm(x, w.rms_attn, eps)
-            q = rope((a @ w.wq.T).view(B, S, NH, hd), cos, sin)
-            k = rope((a @ w.wk.T).view(B, S, KVH, hd), cos, sin)
-            v = (a @ w.wv.T).view(B, S, KVH, hd)
-            for name, t in (("attn_norm", a), ("q", q), ("k", k), ("v", v)):
-                keep(f"layer{l}.{name}", t)
-            if cache is not None:
-                k, v = cache.update(l, k, v)
-            o = attention(q, k, v, bias, cfg.n_rep)
-            attn_out = o.reshape(B, S, NH * hd) @ w.wo.T
-            h = x + attn_out
-            m = rmsnorm(h, w.rms_ffn, eps)
-            gate, up = m @ w.w_gate.T, m @ w.w_up.T
-            ffn_out = (F.silu(gate) * up) @ w.w_down.T
-            x = h + ffn_out
+            with op("rmsnorm"):
+                a = rmsnorm(x, w.rms_attn, eps)
+            with op("q_proj"):
+                q = (a @ w.wq.T).view(B, S, NH, hd)
+            with op("k_proj"):
+                k = (a @ w.wk.T).view(B, S, KVH, hd)
+            with op("v_proj"):
+                v = (a @ w.wv.T).view(B, S, KVH, hd)
+            with op("rope"):  # with the append to the KV cache, as in the C++ kernel
+                q, k = rope(q, cos, sin), rope(k, cos, sin)
+                for name, t in (("attn_norm", a), ("q", q), ("k", k), ("v", v)):
+                    keep(f"layer{l}.{name}", t)
+                if cache is not None:
+                    k, v = cache.update(l, k, v)
+            with op("attention"):
+                o = attention(q, k, v, bias, cfg.n_rep)
+            with op("o_proj"):
+                attn_out = o.reshape(B, S, NH * hd) @ w.wo.T
+            with op("rmsnorm"):  # with the residual add before it, as in the C++ kernel
+                h = x + attn_out
+                m = rmsnorm(h, w.rms_ffn, eps)
+            with op("gate_up_swiglu"):
+                gate, up = m @ w.w_gate.T, m @ w.w_up.T
+                act = F.silu(gate) * up
+            with op("down_proj"):
+                ffn_out = act @ w.w_down.T
+                x = h + ffn_out
             for name, t in (("attn_heads", o), ("attn_out", attn_out), ("attn_residual", h),
                             ("ffn_norm", m), ("gate", gate), ("up", up), ("ffn_out", ffn_out),
                             ("residual", x)):
                 keep(f"layer{l}.{name}", t)
-        final = rmsnorm(x, self.final_rms, eps)
-        logits = final @ self.lm_head.T
+        with op("rmsnorm"):
+            final = rmsnorm(x, self.final_rms, eps)
+        with op("head"):
+            logits = final @ self.lm_head.T
         keep("final_norm", final)
         keep("logits", logits)
         return logits
