@@ -59,9 +59,9 @@ MUTATIONS = {
     },
     "fast": {
         "gqa": ([("fast/simd_ops.cpp", "size_t slab = ((size_t)b * KVH + g) * capacity * hd;\n"
-                                       "                const float* keys",
+                                       "    const float* keys",
                   "size_t slab = ((size_t)b * KVH + (g + 1) % KVH) * capacity * hd;\n"
-                  "                const float* keys")],
+                  "    const float* keys")],
                 (0, "attn_heads")),
         "rope-k-missing": ([("fast/simd_ops.cpp", "rotate_half(kg, c, s, half);", "")], (0, "k")),
         "rope-interleaved": (rope_interleaved("fast/simd_ops.cpp", " " * 8), (0, "q")),

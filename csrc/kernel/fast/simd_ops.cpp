@@ -31,10 +31,25 @@ static constexpr int64_t kParallelMin = 1 << 14;
 
 static int threads_for(int64_t work) { return work < kParallelMin ? 1 : get_num_threads(); }
 
+// body(i) for i in [0, n), on `threads` OpenMP threads (dynamic: tasks of uneven cost are
+// handed out one at a time). On one thread no OpenMP region is entered at all: even a
+// one-thread region costs about a microsecond, and a tiny model's forward has a dozen.
+template <bool dynamic = false, class Body>
+static void parallel_for(int64_t n, int threads, const Body& body) {
+    if (threads <= 1 || n <= 1) {
+        for (int64_t i = 0; i < n; i++) body(i);
+    } else if (dynamic) {
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+        for (int64_t i = 0; i < n; i++) body(i);
+    } else {
+#pragma omp parallel for num_threads(threads)
+        for (int64_t i = 0; i < n; i++) body(i);
+    }
+}
+
 void residual_rmsnorm(float* x, const float* delta, const float* weight, float* out, int rows, int n,
                       float eps) {
-#pragma omp parallel for num_threads(threads_for((int64_t)rows * n))
-    for (int r = 0; r < rows; r++) {
+    parallel_for(rows, threads_for((int64_t)rows * n), [&](int64_t r) {
         float* xr = x + (size_t)r * n;
         float sum_sq = 0.0f;
         if (delta) {
@@ -53,7 +68,7 @@ void residual_rmsnorm(float* x, const float* delta, const float* weight, float* 
         float* o = out + (size_t)r * n;
 #pragma omp simd
         for (int i = 0; i < n; i++) o[i] = (xr[i] * inv_rms) * weight[i];
-    }
+    });
 }
 
 // One head vector (hd) rotated in place: out[j] = x[j] c[j] - x[j+half] s[j],
@@ -71,22 +86,19 @@ void rope_append_kv(float* q, float* k, const float* v, float* key_cache, float*
                     int T, int NH, int KVH, int hd, int p0, int capacity, const float* cos_table,
                     const float* sin_table) {
     int half = hd / 2;
-#pragma omp parallel for collapse(2) num_threads(threads_for((int64_t)B * T * (NH + KVH) * hd))
-    for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
-            const float* c = cos_table + (size_t)(p0 + t) * hd;
-            const float* s = sin_table + (size_t)(p0 + t) * hd;
-            size_t row = (size_t)b * T + t;
-            for (int h = 0; h < NH; h++) rotate_half(q + (row * NH + h) * hd, c, s, half);
-            for (int g = 0; g < KVH; g++) {
-                float* kg = k + (row * KVH + g) * hd;
-                rotate_half(kg, c, s, half);
-                size_t slot = (((size_t)b * KVH + g) * capacity + p0 + t) * hd;
-                std::memcpy(key_cache + slot, kg, sizeof(float) * hd);
-                std::memcpy(value_cache + slot, v + (row * KVH + g) * hd, sizeof(float) * hd);
-            }
+    parallel_for((int64_t)B * T, threads_for((int64_t)B * T * (NH + KVH) * hd), [&](int64_t row) {
+        int b = (int)(row / T), t = (int)(row % T);
+        const float* c = cos_table + (size_t)(p0 + t) * hd;
+        const float* s = sin_table + (size_t)(p0 + t) * hd;
+        for (int h = 0; h < NH; h++) rotate_half(q + ((size_t)row * NH + h) * hd, c, s, half);
+        for (int g = 0; g < KVH; g++) {
+            float* kg = k + ((size_t)row * KVH + g) * hd;
+            rotate_half(kg, c, s, half);
+            size_t slot = (((size_t)b * KVH + g) * capacity + p0 + t) * hd;
+            std::memcpy(key_cache + slot, kg, sizeof(float) * hd);
+            std::memcpy(value_cache + slot, v + ((size_t)row * KVH + g) * hd, sizeof(float) * hd);
         }
-    }
+    });
 }
 
 // Eight floats as one value: GCC/Clang vector extensions, so the same source becomes AVX
@@ -226,64 +238,69 @@ static inline void online_softmax_block(v8* s, int n, const float* values, int h
     }
 }
 
-void attention(float* out, const float* q, const float* key_cache, const float* value_cache,
-               const int64_t* mask, int B, int T, int p0, int NH, int KVH, int hd, int capacity) {
+// One task of attention: queries i0 .. i1-1 of sequence b, for the n_rep query heads that
+// share kv head g, over every key they may see.
+static void attention_tile(float* out, const float* q, const float* key_cache, const float* value_cache,
+                           const int64_t* mask, int T, int p0, int NH, int KVH, int hd, int capacity,
+                           int b, int g, int i0, int i1) {
     int n_rep = NH / KVH;  // query heads per kv head
     int mask_len = p0 + T;
     float scale = (float)std::sqrt((double)hd);
-    int query_tiles = (T + kQueryTile - 1) / kQueryTile;
-    int64_t work = (int64_t)B * NH * T * mask_len * hd;
-#pragma omp parallel for collapse(3) schedule(dynamic) num_threads(threads_for(work))
-    for (int b = 0; b < B; b++) {
-        for (int g = 0; g < KVH; g++) {
-            for (int tile = 0; tile < query_tiles; tile++) {
-                static thread_local AttentionScratch scratch;
-                scratch.reserve(n_rep, hd);
-                int i0 = tile * kQueryTile, i1 = std::min(T, i0 + kQueryTile), nq = i1 - i0;
-                size_t slab = ((size_t)b * KVH + g) * capacity * hd;
-                const float* keys = key_cache + slab;      // (capacity, hd), contiguous
-                const float* values = value_cache + slab;  // (capacity, hd)
-                const int64_t* key_mask = mask ? mask + (size_t)b * mask_len : nullptr;
-                std::fill(scratch.acc.begin(), scratch.acc.begin() + (size_t)n_rep * nq * hd, 0.0f);
-                std::fill(scratch.max.begin(), scratch.max.begin() + n_rep * nq, -INFINITY);
-                std::fill(scratch.sum.begin(), scratch.sum.begin() + n_rep * nq, 0.0f);
-                int key_end = p0 + i1;  // causal: the tile's last query sees keys < p0 + i1
-                for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
-                    int nk = std::min(kKeyBlock, key_end - j0);
-                    float* kt = scratch.keys_t.data();
-                    for (int j = 0; j < nk; j++)
-                        for (int e = 0; e < hd; e++) kt[(size_t)e * kKeyBlock + j] = keys[(size_t)(j0 + j) * hd + e];
-                    bool block_has_padding = false;
-                    for (int j = 0; key_mask && j < nk; j++) block_has_padding |= key_mask[j0 + j] == 0;
-                    for (int r = 0; r < n_rep; r++) {
-                        int h = g * n_rep + r;
-                        for (int i = i0; i < i1; i++) {
-                            int n = std::min(nk, p0 + i + 1 - j0);  // causal: keys j <= p0 + i
-                            if (n <= 0) continue;
-                            v8 s[kLanes];
-                            block_scores(q + (((size_t)b * T + i) * NH + h) * hd, kt, hd, scale, (n + 7) / 8, s);
-                            if (block_has_padding) {
-                                for (int j = 0; j < n; j++)
-                                    if (key_mask[j0 + j] == 0) s[j / 8][j % 8] += -1e9f;  // padding key
-                            }
-                            size_t row = (size_t)r * nq + (i - i0);
-                            online_softmax_block(s, n, values + (size_t)j0 * hd, hd, scratch.acc.data() + row * hd,
-                                                 scratch.max[row], scratch.sum[row]);
-                        }
-                    }
+    int nq = i1 - i0;
+    static thread_local AttentionScratch scratch;
+    scratch.reserve(n_rep, hd);
+    size_t slab = ((size_t)b * KVH + g) * capacity * hd;
+    const float* keys = key_cache + slab;      // (capacity, hd), contiguous
+    const float* values = value_cache + slab;  // (capacity, hd)
+    const int64_t* key_mask = mask ? mask + (size_t)b * mask_len : nullptr;
+    std::fill(scratch.acc.begin(), scratch.acc.begin() + (size_t)n_rep * nq * hd, 0.0f);
+    std::fill(scratch.max.begin(), scratch.max.begin() + n_rep * nq, -INFINITY);
+    std::fill(scratch.sum.begin(), scratch.sum.begin() + n_rep * nq, 0.0f);
+    int key_end = p0 + i1;  // causal: the tile's last query sees keys < p0 + i1
+    for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
+        int nk = std::min(kKeyBlock, key_end - j0);
+        float* kt = scratch.keys_t.data();
+        for (int j = 0; j < nk; j++)
+            for (int e = 0; e < hd; e++) kt[(size_t)e * kKeyBlock + j] = keys[(size_t)(j0 + j) * hd + e];
+        bool block_has_padding = false;
+        for (int j = 0; key_mask && j < nk; j++) block_has_padding |= key_mask[j0 + j] == 0;
+        for (int r = 0; r < n_rep; r++) {
+            int h = g * n_rep + r;
+            for (int i = i0; i < i1; i++) {
+                int n = std::min(nk, p0 + i + 1 - j0);  // causal: keys j <= p0 + i
+                if (n <= 0) continue;
+                v8 s[kLanes];
+                block_scores(q + (((size_t)b * T + i) * NH + h) * hd, kt, hd, scale, (n + 7) / 8, s);
+                if (block_has_padding) {
+                    for (int j = 0; j < n; j++)
+                        if (key_mask[j0 + j] == 0) s[j / 8][j % 8] += -1e9f;  // padding key
                 }
-                for (int r = 0; r < n_rep; r++) {
-                    for (int i = i0; i < i1; i++) {
-                        size_t row = (size_t)r * nq + (i - i0);
-                        float inv = 1.0f / scratch.sum[row];
-                        const float* acc = scratch.acc.data() + row * hd;
-                        float* o = out + (((size_t)b * T + i) * NH + g * n_rep + r) * hd;
-                        for (int e = 0; e < hd; e++) o[e] = acc[e] * inv;
-                    }
-                }
+                size_t row = (size_t)r * nq + (i - i0);
+                online_softmax_block(s, n, values + (size_t)j0 * hd, hd, scratch.acc.data() + row * hd,
+                                     scratch.max[row], scratch.sum[row]);
             }
         }
     }
+    for (int r = 0; r < n_rep; r++) {
+        for (int i = i0; i < i1; i++) {
+            size_t row = (size_t)r * nq + (i - i0);
+            float inv = 1.0f / scratch.sum[row];
+            const float* acc = scratch.acc.data() + row * hd;
+            float* o = out + (((size_t)b * T + i) * NH + g * n_rep + r) * hd;
+            for (int e = 0; e < hd; e++) o[e] = acc[e] * inv;
+        }
+    }
+}
+
+void attention(float* out, const float* q, const float* key_cache, const float* value_cache,
+               const int64_t* mask, int B, int T, int p0, int NH, int KVH, int hd, int capacity) {
+    int tiles = (T + kQueryTile - 1) / kQueryTile;
+    int64_t work = (int64_t)B * NH * T * (p0 + T) * hd;
+    parallel_for<true>((int64_t)B * KVH * tiles, threads_for(work), [&](int64_t task) {
+        int b = (int)(task / ((int64_t)KVH * tiles)), g = (int)(task / tiles % KVH), tile = (int)(task % tiles);
+        attention_tile(out, q, key_cache, value_cache, mask, T, p0, NH, KVH, hd, capacity, b, g,
+                       tile * kQueryTile, std::min(T, (tile + 1) * kQueryTile));
+    });
 }
 
 }  // namespace XVALID_SIMD_NS
