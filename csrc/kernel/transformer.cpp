@@ -221,8 +221,8 @@ void Transformer::reserve_rows(int rows) {
     s.heads.assign(n * c.num_heads * c.head_dim, 0.0f);
     s.proj.assign(n * c.hidden_size, 0.0f);
     s.ffn.assign(n * c.intermediate_size, 0.0f);
-    s.gate.assign(n * c.intermediate_size, 0.0f);
-    s.up.assign(n * c.intermediate_size, 0.0f);
+    s.gate.clear();  // sized by step() only when a call captures
+    s.up.clear();
     s.logits.assign(n * c.vocab_size, 0.0f);
     s.row_capacity = rows;
 }
@@ -258,7 +258,14 @@ const float* Transformer::step(const StepInput& in, Intermediates* capture) {
     int B = (int)in.B, T = (int)in.T;
     reserve_rows(B * T);
     reserve_cache(B, cache_len_ + T);
-    if (capture) capture->clear();
+    if (capture) {
+        capture->clear();
+        size_t gate_size = (size_t)B * T * config_.intermediate_size;  // gate and up are kept only
+        if (state_.gate.size() < gate_size) {                          // when they are captured
+            state_.gate.resize(gate_size);
+            state_.up.resize(gate_size);
+        }
+    }
     OpRunner op(kernel_, profile_);
     transformer_forward(config_, weights_, state_, op, in.ids, in.mask, B, T, cache_len_, capture);
     cache_len_ += T;

@@ -71,8 +71,8 @@ struct RunState {
     std::vector<float> heads;   // (rows, NH*hd) per-head attention outputs, head-major
     std::vector<float> proj;    // (rows, H) sublayer output (attn_out, then ffn_out) before the residual add
     std::vector<float> ffn;     // (rows, I) silu(m Wgate^T) * (m Wup^T), the down projection's input
-    std::vector<float> gate;    // (rows, I) m Wgate^T, kept only when capturing
-    std::vector<float> up;      // (rows, I) m Wup^T, kept only when capturing
+    std::vector<float> gate;    // (rows, I) m Wgate^T, allocated and kept only when capturing
+    std::vector<float> up;      // (rows, I) m Wup^T, likewise
     std::vector<float> logits;  // (rows, V)
     // KV cache: keys after RoPE, for positions 0 .. cache_len-1 of every sequence.
     int cache_batch = 0;        // B the cache is laid out for
