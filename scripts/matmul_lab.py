@@ -170,16 +170,20 @@ def main() -> int:
     cases = [(name, M, N, K) for M in ms for name, (N, K) in PROJECTIONS.items()]
     cases += [("sgemm", 2048, 2048, 2048)]
     print(f"\n{'case':10} {'M':>5} {'N':>5} {'K':>5} {'fast GF/s':>10} {'torch GF/s':>10} {'ratio':>6}  err")
-    for name, M, N, K in cases:
+    def measure(M, N, K):
+        """Checked once against float64, then timed against torch: (err, ok, t_fast, t_torch)."""
         A = rng.standard_normal((M, K), dtype=np.float32)
         B = rng.standard_normal((N, K), dtype=np.float32)
         C = np.empty((M, N), dtype=np.float32)
         tA, tB = torch.from_numpy(A), torch.from_numpy(B)
         fast.matmul_nt(C, A, B, n)
         err = max_rel_error(C, A, B)
-        ok = err < 1e-5
-        failed |= not ok
         t_fast, t_torch = timed_pair(lambda: fast.matmul_nt(C, A, B, n), lambda: tA @ tB.T, repeats)
+        return err, err < 1e-5, t_fast, t_torch
+
+    for name, M, N, K in cases:
+        err, ok, t_fast, t_torch = measure(M, N, K)
+        failed |= not ok
         gf = 2 * M * N * K / 1e9
         rows.append((name, M, gf / t_fast, gf / t_torch))
         print(f"{name:10} {M:5} {N:5} {K:5} {gf / t_fast:10.1f} {gf / t_torch:10.1f} "
@@ -190,15 +194,8 @@ def main() -> int:
     dec = list(PROJECTIONS.items()) + [("4096^2", (4096, 4096))]
     for M in DECODE_M:
         for name, (N, K) in dec:
-            A = rng.standard_normal((M, K), dtype=np.float32)
-            B = rng.standard_normal((N, K), dtype=np.float32)
-            C = np.empty((M, N), dtype=np.float32)
-            tA, tB = torch.from_numpy(A), torch.from_numpy(B)
-            fast.matmul_nt(C, A, B, n)
-            err = max_rel_error(C, A, B)
-            ok = err < 1e-5
+            err, ok, t_fast, t_torch = measure(M, N, K)
             failed |= not ok
-            t_fast, t_torch = timed_pair(lambda: fast.matmul_nt(C, A, B, n), lambda: tA @ tB.T, repeats)
             gb = N * K * 4 / 1e9
             print(f"{name:10} {M:5} {N:5} {K:5} {gb / t_fast:10.1f} {gb / t_torch:10.1f} "
                   f"{t_torch / t_fast:6.2f}  {err:.1e}{'' if ok else '  FAIL'}", flush=True)
