@@ -67,6 +67,24 @@ def size_options(fn):
     return fn
 
 
+def input_options(fn):
+    """The flags that draw a file's inputs (generate, import): generate.check_input_options
+    checks them, generate.draw_inputs draws them."""
+    options = [
+        click.option("--seq-len", type=int, default=5, show_default=True,
+                     help="S, tokens per input row"),
+        click.option("--batch-size", type=int, default=2, show_default=True, help="B, input rows"),
+        click.option("--pad", type=int, default=None,
+                     help="Padded input rows (the last ones; left, right, left, ...) [1 if S > 1]"),
+        click.option("--pad-len", type=int, default=None,
+                     help="Padding positions in each padded row [random, 1 .. S-1 per row]"),
+        click.option("--seed", type=int, default=123, show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
     """The preset's config with the size flags that were given (SIZE_FLAGS) applied."""
     base = PRESETS[preset].to_json()
@@ -80,13 +98,7 @@ def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
               help="Named config; the size flags below override its fields.")
 @size_options
-@click.option("--seq-len", type=int, default=5, show_default=True, help="S, tokens per input row")
-@click.option("--batch-size", type=int, default=2, show_default=True, help="B, input rows")
-@click.option("--pad", type=int, default=None,
-              help="Padded input rows (the last ones; left, right, left, ...) [1 if S > 1]")
-@click.option("--pad-len", type=int, default=None,
-              help="Padding positions in each padded row [random, 1 .. S-1 per row]")
-@click.option("--seed", type=int, default=123, show_default=True)
+@input_options
 @click.option("--init-std", type=float, default=0.02, show_default=True, help="Weight std")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("model.json"), show_default=True)
@@ -95,9 +107,8 @@ def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
 def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, container,
              **sizes):
     """Write a seeded random-weight model and its inputs as one JSON file."""
-    from .generate import generate_model, logit_statistics
+    from .generate import generate_model
     from .modelfile import write_model
-    from .reference import Reference
     from .report import print_generate_summary
 
     start = time.perf_counter()
@@ -114,11 +125,103 @@ def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, 
         f"--pad {mf.meta['generator']['pad_rows']}"
         f"{f' --pad-len {pad_len}' if pad_len is not None else ''} --seed {seed} "
         f"--init-std {init_std!r}")
-    # Record the reference's logit statistics, so a later PASS is known to mean something.
-    logits = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
-    mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}
+    record_reference_statistics(mf)
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
+
+
+def record_reference_statistics(mf) -> None:
+    """Record the reference's logit statistics in meta.reference, so that a later PASS is
+    known to mean something (a large top-1 margin, a low entropy)."""
+    from .generate import logit_statistics
+    from .reference import Reference
+    logits = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
+    mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}
+
+
+# ---------------------------------------------------------------------------------------------
+# import, export: Hugging Face transformers checkpoints (hf.py, docs/huggingface.md)
+
+
+DRAW_FLAGS = ("seq_len", "batch_size", "pad", "pad_len")
+
+
+@cli.command("import", context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The model file to write.")
+@click.option("--format", "container", type=click.Choice(["json", "safetensors"]), default="json",
+              show_default=True, help="The file's container (docs/model-format.md).")
+@click.option("--ids", "id_rows", multiple=True, metavar="ID,ID,...",
+              help="One input row of token ids (repeatable); shorter rows are padded on the left.")
+@click.option("--ids-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Input rows of token ids: one row per line, or a JSON list of lists.")
+@input_options
+@click.pass_context
+def import_checkpoint(ctx, checkpoint, output, container, id_rows, ids_file, seq_len, batch_size,
+                      pad, pad_len, seed):
+    """Read a transformers checkpoint directory (LlamaForCausalLM or MiniMind2's dense model:
+    config.json and model.safetensors or shards) into a model file, with inputs given by
+    --ids / --ids-file or drawn from --seed."""
+    from .generate import check_input_options, draw_inputs
+    from .hf import checkpoint_model, given_inputs, parse_ids_text, read_checkpoint
+    from .modelfile import write_model
+    from .report import print_generate_summary
+
+    start = time.perf_counter()
+    given = [flag for flag in DRAW_FLAGS
+             if ctx.get_parameter_source(flag) != click.core.ParameterSource.DEFAULT]
+    if id_rows and ids_file:
+        raise click.UsageError("give --ids or --ids-file, not both")
+    if (id_rows or ids_file) and given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} draws random inputs; "
+                               f"--ids / --ids-file give them")
+    rows = None
+    if ids_file is not None:
+        try:
+            text = ids_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"{ids_file}: cannot read ({getattr(exc, 'strerror', None) or exc})",
+                                     param_hint="--ids-file")
+        rows = parse_ids_text(text, str(ids_file))
+    elif id_rows:
+        rows = [row for text in id_rows for row in parse_ids_text(text, "--ids")]
+    ck = read_checkpoint(checkpoint)
+    cfg = ck.config
+    if rows is not None:
+        ids, mask, padding = given_inputs(rows, cfg, seed)
+        inputs = {"given": str(ids_file) if ids_file else "--ids", "padding": padding}
+    else:
+        if seq_len > cfg.max_position_embeddings:
+            raise click.BadParameter(f"{seq_len} exceeds the checkpoint's "
+                                     f"max_position_embeddings {cfg.max_position_embeddings}",
+                                     param_hint="--seq-len")
+        pad = check_input_options(cfg, batch_size, seq_len, pad, pad_len, seed)
+        ids, mask, padding = draw_inputs(cfg, batch_size, seq_len, seed, pad, pad_len)
+        inputs = {"drawn": True, "pad_rows": pad, "padding": padding}
+    mf = checkpoint_model(ck, ids, mask, {"seed": seed, "inputs": inputs})
+    record_reference_statistics(mf)
+    write_model(mf, output, container=container)
+    print_generate_summary(mf, output, time.perf_counter() - start)
+
+
+@cli.command("export", context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+def export_checkpoint(model, directory, force):
+    """Write MODEL's weights as a transformers checkpoint DIRECTORY (config.json and
+    model.safetensors) that LlamaForCausalLM.from_pretrained loads."""
+    from .hf import export_checkpoint as export, is_tied
+    from .modelfile import read_model
+
+    mf = read_model(model)
+    weights = export(mf, directory, force=force)
+    c = mf.config
+    click.echo(f"{model} -> {directory} (LlamaForCausalLM, H={c.hidden_size} "
+               f"L={c.num_hidden_layers} heads={c.num_attention_heads}/{c.num_key_value_heads} "
+               f"V={c.vocab_size}, {'tied' if is_tied(mf) else 'untied'} head, float32, "
+               f"{weights.stat().st_size / 2**20:.1f} MiB)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +269,7 @@ def run(model, backend, dtype, output, intermediates, threads):
 
     if backend != "torch" and dtype != "float32":
         raise click.UsageError("--dtype float64 is for the torch backend only")
+    REGISTRY[backend].check_available()
     mf = read_model(model)
     if intermediates is not None:  # read_model checked the memory of a forward without them
         check_forward_memory(mf.config, mf.batch_size, mf.seq_len, True, where=f"{model}: ")
@@ -221,6 +325,8 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
     if unknown:
         raise click.BadParameter(f"unknown backend {unknown[0]!r} "
                                  f"(choose from {', '.join(backend_names())})")
+    for name in names:
+        REGISTRY[name].check_available()
     return names
 
 

@@ -48,11 +48,10 @@ def padded_inputs(rng: np.random.Generator, vocab: int, batch_size: int, seq_len
     return ids, mask, padding
 
 
-def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
-                   pad: int | None = None, init_std: float = 0.02,
-                   pad_len: int | None = None) -> ModelFile:
-    """A ModelFile with seeded weights and inputs; `pad` None means one padded row if S > 1;
-    `pad_len` padding positions per padded row (None: random)."""
+def check_input_options(cfg: ModelConfig, batch_size: int, seq_len: int, pad: int | None,
+                        pad_len: int | None, seed: int) -> int:
+    """Refuse impossible input flags (--batch-size, --seq-len, --pad, --pad-len, --seed) with
+    the flag named; returns the padded row count (`pad` None: one padded row if S > 1)."""
     if batch_size <= 0 or seq_len <= 0:
         raise ConfigError(f"--batch-size and --seq-len must be positive, got {batch_size}, {seq_len}")
     if seq_len > cfg.max_position_embeddings:
@@ -68,18 +67,48 @@ def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, s
                           f"{seq_len - 1} (a padded row keeps one real token)")
     if pad_len is not None and not pad:
         raise ConfigError("--pad-len needs padded rows (--pad >= 1)")
-    if not (init_std > 0 and np.isfinite(init_std)):
-        raise ConfigError(f"--init-std must be a positive number, got {init_std}")
     if not 0 <= seed < 2**63:
         raise ConfigError(f"--seed must be in [0, 2^63), got {seed}")
-    need = 4 * (cfg.num_parameters + 2 * cfg.max_position_embeddings * cfg.head_dim)
+    return pad
+
+
+def seed_streams(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """(weights, inputs): two independent streams of one seed, so the inputs drawn for a seed
+    do not depend on the model's size."""
+    weight_seed, input_seed = np.random.SeedSequence(seed).spawn(2)
+    return weight_seed, input_seed
+
+
+def draw_inputs(cfg: ModelConfig, batch_size: int, seq_len: int, seed: int, pad: int,
+                pad_len: int | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """The seeded inputs of a file: ids (B,S) int32, mask (B,S) uint8, the padding notes
+    (padded_inputs, drawn from the seed's input stream)."""
+    return padded_inputs(np.random.default_rng(seed_streams(seed)[1]), cfg.vocab_size,
+                         batch_size, seq_len, pad, pad_len)
+
+
+def check_weight_memory(cfg: ModelConfig, extra_floats: int = 0) -> None:
+    """Refuse a model whose float32 weights and RoPE tables (plus `extra_floats`, such as an
+    untied head) would take more than half the machine's memory."""
+    need = 4 * (cfg.num_parameters + 2 * cfg.max_position_embeddings * cfg.head_dim
+                + extra_floats)
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have // 2:
         raise ConfigError(f"this config needs {need / 2**30:.1f} GiB of float32 weights; the machine "
                           f"has {have / 2**30:.1f} GiB of memory (smaller --hidden/--layers/--vocab?)")
 
-    weight_seed, input_seed = np.random.SeedSequence(seed).spawn(2)
-    rng = np.random.default_rng(weight_seed)
+
+def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
+                   pad: int | None = None, init_std: float = 0.02,
+                   pad_len: int | None = None) -> ModelFile:
+    """A ModelFile with seeded weights and inputs; `pad` None means one padded row if S > 1;
+    `pad_len` padding positions per padded row (None: random)."""
+    pad = check_input_options(cfg, batch_size, seq_len, pad, pad_len, seed)
+    if not (init_std > 0 and np.isfinite(init_std)):
+        raise ConfigError(f"--init-std must be a positive number, got {init_std}")
+    check_weight_memory(cfg)
+
+    rng = np.random.default_rng(seed_streams(seed)[0])
 
     def draw(shape: tuple[int, ...]) -> np.ndarray:
         if len(shape) == 1:  # norm weights
@@ -94,8 +123,7 @@ def generate_model(cfg: ModelConfig, *, batch_size: int = 2, seq_len: int = 5, s
               for _ in range(cfg.num_hidden_layers)]
     weights = Weights(tok_embedding=embedding, final_rms=draw((H,)), lm_head=embedding,
                       layers=layers)
-    ids, mask, padding = padded_inputs(np.random.default_rng(input_seed), V, batch_size,
-                                       seq_len, pad, pad_len)
+    ids, mask, padding = draw_inputs(cfg, batch_size, seq_len, seed, pad, pad_len)
     cos, sin = rope_tables(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
     meta = {"seed": seed, "B": batch_size, "S": seq_len, "head_dim": cfg.head_dim,
             "generator": {"tool": "xvalid", "version": __version__, "init_std": init_std,

@@ -63,8 +63,25 @@ def _reference_line(stats: dict) -> str:
             f"over {stats['rows']} unpadded rows")
 
 
+def source_line(source: dict) -> str:
+    """Where `xvalid import` took the weights from (meta.source): the checkpoint, its
+    architecture, head, stored dtypes, and every config default it had to use."""
+    dtypes = ", ".join(f"{count} {dtype}" for dtype, count in source.get("dtypes", {}).items())
+    line = (f"{source.get('checkpoint')} ({source.get('architecture')}, "
+            f"{'tied' if source.get('tied') else 'untied'} head, tensors {dtypes}"
+            f"{', upcast to float32' if source.get('upcast') else ''})")
+    defaults = source.get("defaults") or {}
+    if defaults:
+        line += "; defaults for keys absent from config.json: " + ", ".join(
+            f"{key}={value}" for key, value in defaults.items())
+    return line
+
+
 def print_generate_summary(mf: ModelFile, path: Path, seconds: float) -> None:
     console.print(f"wrote {path} ({_size(path.stat().st_size)}) in {seconds:.2f} s")
+    source = mf.meta.get("source")
+    if isinstance(source, dict) and source.get("tool") == "xvalid import":
+        console.print(f"  source   {source_line(source)}", markup=False)
     console.print(f"  config   {config_line(mf)}")
     console.print(f"  inputs   B={mf.batch_size} S={mf.seq_len}, padding: "
                   f"{padding_summary(mf.attention_mask)}")
