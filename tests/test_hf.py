@@ -386,6 +386,9 @@ def test_compare_torch_hf_cpp_on_an_imported_checkpoint(cli, tmp_path, checkpoin
                  "--warmup", 0, "--json", report_path)
     assert result.code == 0, result.out + result.err
     report = json.loads(report_path.read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = Path(__file__).parents[1] / "python" / "xvalid" / "schemas" / "compare-report.schema.json"
+    jsonschema.validate(report, json.loads(schema.read_text()))
     assert report["verdict"] == "pass"
     hf = next(c for c in report["candidates"] if c["name"] == "hf")
     assert hf["status"] == "pass" and hf["decode"]["status"] == "pass"

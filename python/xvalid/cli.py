@@ -165,6 +165,7 @@ def import_checkpoint(ctx, checkpoint, output, container, id_rows, ids_file, seq
     --ids / --ids-file or drawn from --seed."""
     from .generate import check_input_options, draw_inputs
     from .hf import checkpoint_model, given_inputs, parse_ids_text, read_checkpoint
+    from .memory import check_forward_memory
     from .modelfile import write_model
     from .report import print_generate_summary
 
@@ -200,6 +201,7 @@ def import_checkpoint(ctx, checkpoint, output, container, id_rows, ids_file, seq
         ids, mask, padding = draw_inputs(cfg, batch_size, seq_len, seed, pad, pad_len)
         inputs = {"drawn": True, "pad_rows": pad, "padding": padding}
     mf = checkpoint_model(ck, ids, mask, {"seed": seed, "inputs": inputs})
+    check_forward_memory(cfg, *ids.shape, intermediates=False)  # before the reference runs
     record_reference_statistics(mf)
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
