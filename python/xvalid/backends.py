@@ -305,9 +305,12 @@ class HfBackend(Backend):
         if "lm_head.weight" not in state:  # tied: one tensor under both names
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
-        # RoPE as transformers computes it from rope_theta (its buffer, made on the meta
-        # device above, is made again here); a file with other tables is refused above.
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        # RoPE as transformers computes it from rope_theta: its inv_freq buffers, made on the
+        # meta device above, are made again (transformers 4 also keeps one per layer).
+        for parent in list(model.modules()):
+            for child_name, child in parent.named_children():
+                if type(child).__name__.endswith("RotaryEmbedding"):
+                    setattr(parent, child_name, type(child)(config=config))
         left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"hf backend: {left[0]} was not set from the file")
