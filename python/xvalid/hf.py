@@ -525,7 +525,7 @@ def checkpoint_model(ck: Checkpoint, ids: np.ndarray, mask: np.ndarray, meta: di
     source = {"tool": "xvalid import", "checkpoint": str(ck.directory),
               "architecture": ck.info.architecture, "tied": ck.info.tied,
               "dtypes": ck.source_dtypes,
-              "defaults": {k: v for k, v in ck.info.defaults.items()}}
+              "defaults": dict(ck.info.defaults)}
     if set(ck.source_dtypes) - {"F32"}:
         source["upcast"] = "F16/BF16 tensors stored as float32 (exact)"
     full = {"B": int(ids.shape[0]), "S": int(ids.shape[1]), "head_dim": cfg.head_dim,
