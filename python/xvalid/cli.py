@@ -76,6 +76,42 @@ def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
     return ModelConfig.from_json(base)
 
 
+class QuantBlock(click.ParamType):
+    """--quant-block: a positive block length, or 'row' (one scale per output row: None)."""
+
+    name = "N|row"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip() == "row":
+            return None
+        try:
+            block = int(value)
+        except ValueError:
+            block = 0
+        if block < 1:
+            self.fail(f"{value!r} is not a positive whole number or 'row'", param, ctx)
+        return block
+
+
+def weight_dtype_options(fn):
+    from .formatspec import INT8, WEIGHT_DTYPES
+    options = [
+        click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
+                     help="Store the weights as float32, float16, bfloat16 or int8 (docs/model-"
+                          "format.md); the file also records the float32 model's logits, from "
+                          "which compare reports the quantisation cost [float32]"),
+        click.option("--quant-block", type=QuantBlock(), default=INT8["default_block_size"],
+                     show_default=True,
+                     help="int8: values per scale along a row (32: llama.cpp's Q8_0), or 'row' "
+                          "for one scale per output row"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
               help="Named config; the size flags below override its fields.")
@@ -92,12 +128,12 @@ def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
               default=Path("model.json"), show_default=True)
 @click.option("--format", "container", type=click.Choice(["json", "safetensors"]), default="json",
               show_default=True, help="The file's container (docs/model-format.md).")
+@weight_dtype_options
 def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, container,
-             **sizes):
+             weight_dtype, quant_block, **sizes):
     """Write a seeded random-weight model and its inputs as one JSON file."""
-    from .generate import generate_model, logit_statistics
+    from .generate import convert_weights, generate_model, record_reference, reference_logits
     from .modelfile import write_model
-    from .reference import Reference
     from .report import print_generate_summary
 
     start = time.perf_counter()
@@ -115,8 +151,10 @@ def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, 
         f"{f' --pad-len {pad_len}' if pad_len is not None else ''} --seed {seed} "
         f"--init-std {init_std!r}")
     # Record the reference's logit statistics, so a later PASS is known to mean something.
-    logits = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
-    mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}
+    logits = reference_logits(mf)
+    record_reference(mf, logits)
+    if weight_dtype not in (None, "float32"):  # these logits become the file's source record
+        mf = convert_weights(mf, weight_dtype, quant_block, logits)
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
 
@@ -129,17 +167,26 @@ def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, 
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "container", type=click.Choice(["json", "safetensors"]),
-              help="The output's container [the other one than MODEL's]")
-def convert(model, output, container):
+              help="The output's container [the other one than MODEL's; with --weight-dtype, "
+                   "MODEL's]")
+@weight_dtype_options
+def convert(model, output, container, weight_dtype, quant_block):
     """Write MODEL (either container) as OUTPUT in the other container; tensors are copied
-    byte for byte, config and meta unchanged."""
+    byte for byte, config and meta unchanged. With --weight-dtype the weights are converted
+    (quantised) too, and OUTPUT records the logits of MODEL's model as its source."""
     from .modelfile import container_of, read_model, write_model
 
     source = container_of(model)
     mf = read_model(model)
+    before = mf.weight_dtype
+    if weight_dtype is not None:
+        from .generate import convert_weights
+        mf = convert_weights(mf, weight_dtype, quant_block)
+        container = container or source
     container = container or ("json" if source == "safetensors" else "safetensors")
     write_model(mf, output, container=container)
-    click.echo(f"{model} ({source}) -> {output} ({container})")
+    dtypes = f", weights {before} -> {mf.weight_dtype}" if weight_dtype is not None else ""
+    click.echo(f"{model} ({source}) -> {output} ({container}{dtypes})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,6 +187,13 @@ def store_weights(mf: "ModelFile", weight_dtype: str,
 
     if weight_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    if weight_dtype == "int8" and block_size is not None:
+        shortest = min(mf.config.hidden_size, mf.config.intermediate_size,
+                       mf.config.num_attention_heads * mf.config.head_dim)  # the rows' lengths
+        if not 1 <= block_size <= shortest:
+            raise ConfigError(f"int8 block size {block_size} must be in [1, {shortest}] (the "
+                              f"shortest weight row has {shortest} values; 'row' gives one scale "
+                              f"per row)")
     storage: dict[str, StoredTensor] = {}
     done: dict[int, tuple[StoredTensor | None, np.ndarray]] = {}  # id(array) -> result (tied head)
 

@@ -285,9 +285,15 @@ def named_tensors(mf: ModelFile) -> Iterator[tuple[str, np.ndarray]]:
             yield f"weights.layers[{index}].{f.name}", getattr(layer, f.name)
 
 
-def tensor_checksum(array: np.ndarray) -> str:
-    """sha256 of the raw bytes as stored (first 16 hex digits): equal bytes, equal checksum."""
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+def tensor_checksum(tensor: np.ndarray | StoredTensor) -> str:
+    """sha256 of the raw bytes as stored (first 16 hex digits): equal bytes, equal checksum.
+    A stored tensor: its values' bytes, then its scales' (int8)."""
+    digest = hashlib.sha256()
+    arrays = ([tensor.data] + ([tensor.scales] if tensor.scales is not None else [])
+              if isinstance(tensor, StoredTensor) else [tensor])
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
