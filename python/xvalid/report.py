@@ -341,6 +341,18 @@ def print_compare(report: dict, out: Console = console) -> None:
         if note:
             out.print(f"  [yellow]{note}[/]")
         out.print(f"reproduce: {report['repro']}")
+    if report.get("quantization"):
+        out.print(quantization_line(report["quantization"]), markup=False)
+
+
+def quantization_line(q: dict) -> str:
+    """The quantisation cost in one line (llama.cpp's KLD report's numbers)."""
+    return (f"quantisation cost ({q['weight_dtype']} weights vs the {q['source_weight_dtype']} "
+            f"model they came from, over {_plural(q['rows'], 'position')}; not part of the "
+            f"verdict): KL mean {_g(q['kl_mean'])}, median {_g(q['kl_median'])}, p99 "
+            f"{_g(q['kl_p99'])}, max {_g(q['kl_max'])} nats; top-1 same {q['top1_agree']}/"
+            f"{q['rows']} ({100 * q['top1_agreement']:.1f}%); dp RMS {100 * q['dp_rms']:.3g}%, "
+            f"max {100 * q['dp_max_abs']:.3g}%")
 
 
 def print_decode(cand: dict, out: Console = console) -> None:
