@@ -77,7 +77,7 @@ def test_original_is_valid(cli, original, tmp_path):
     path = tmp_path / "m.json"
     path.write_bytes(original)
     assert cli("inspect", path, "--no-tensors").code == 0
-    assert json.loads(original)["format_version"] == 1
+    assert json.loads(original)["format_version"] == 1  # float32 weights: still version 1
 
 
 # ---- hostile files refused alike by every entry point (issue 11) ---------------------------
@@ -137,9 +137,9 @@ CASES = {
                            None, "weights.layers[0].wq.shape[1]: number -1e400 does not fit in a double"),
     # 3: integers that wrapped to negative numbers in int64
     "format-version-2^64-1": (lambda: edited(lambda d: d.update(format_version=2**64 - 1)), None,
-                              "format_version: 18446744073709551615 is newer than this reader supports (1); update xvalid"),
+                              "format_version: 18446744073709551615 is newer than this reader supports (2); update xvalid"),
     "format-version-2^63": (lambda: edited(lambda d: d.update(format_version=2**63)), None,
-                            "format_version: 9223372036854775808 is newer than this reader supports (1); update xvalid"),
+                            "format_version: 9223372036854775808 is newer than this reader supports (2); update xvalid"),
     "format-version-negative": (lambda: edited(lambda d: d.update(format_version=-1)), None,
                                 "format_version: must be a positive integer, found -1"),
     # 4: hyperparameters outside a meaningful range
@@ -323,14 +323,16 @@ AGREEMENT_EDITS = {
     "null-encoding-means-base64": (lambda d: d["rope"]["sin"].update(encoding=None), None),
     "other-encoding": (lambda d: d["rope"]["sin"].update(encoding="hex"),
                        "rope.sin: encoding expected 'base64', found 'hex'"),
-    "reserved-dtype": (lambda d: d["weights"]["final_rms"].update(dtype="bfloat16"),
-                       "weights.final_rms: dtype bfloat16 is not supported yet (format version 1 reads float32 here)"),
+    "reserved-dtype": (lambda d: d["rope"]["cos"].update(dtype="float8_e5m2"),
+                       "rope.cos: dtype float8_e5m2 is not supported yet (format version 2 reads float32 here)"),
     "reserved-dtype-int4": (lambda d: d["inputs"]["input_ids"].update(dtype="int4"),
-                            "inputs.input_ids: dtype int4 is not supported yet (format version 1 reads int32 here)"),
-    "unknown-dtype": (lambda d: d["weights"]["final_rms"].update(dtype="float64"),
-                      "weights.final_rms: dtype expected float32, found 'float64'"),
-    "storage-dtype-in-the-wrong-place": (lambda d: d["weights"]["final_rms"].update(dtype="int32"),
-                                         "weights.final_rms: dtype expected float32, found 'int32'"),
+                            "inputs.input_ids: dtype int4 is not supported yet (format version 2 reads int32 here)"),
+    "unknown-dtype": (lambda d: d["rope"]["sin"].update(dtype="float64"),
+                      "rope.sin: dtype expected float32, found 'float64'"),
+    "storage-dtype-in-the-wrong-place": (lambda d: d["rope"]["cos"].update(dtype="int32"),
+                                         "rope.cos: dtype expected float32, found 'int32'"),
+    "reduced-dtype-outside-the-weights": (lambda d: d["rope"]["cos"].update(dtype="float16"),
+                                          "rope.cos: dtype expected float32, found 'float16'"),
     "no-inputs": (lambda d: d.pop("inputs"), "missing"),
     "no-rope": (lambda d: d.pop("rope"), "missing"),
     "no-lm-head-means-tied": (lambda d: d["weights"].pop("lm_head", None), None),
