@@ -88,7 +88,8 @@ def to_float16(array: np.ndarray, key: str = "tensor") -> StoredTensor:
     """float32 -> float16, round to nearest even (numpy's conversion); a value beyond float16's
     range (|x| > 65504) is refused rather than stored as infinity."""
     _finite_input(array, key)
-    half = np.asarray(array, np.float32).astype("<f2")
+    with np.errstate(over="ignore"):  # an overflow is reported below, by key and value
+        half = np.asarray(array, np.float32).astype("<f2")
     if not np.isfinite(half).all():
         big = np.flatnonzero(~np.isfinite(half))[0]
         raise ConfigError(f"{key}: value {array.reshape(-1)[big]:g} does not fit in float16 "
