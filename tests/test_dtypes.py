@@ -36,20 +36,18 @@ SIZE = ["--hidden", "64", "--layers", "2", "--heads", "8", "--kv-heads", "2", "-
         "--intermediate", "80", "--seq-len", "6", "--batch-size", "2", "--pad", "1"]  # I = 80: a partial block
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xvalid", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """'float32' and every DTYPES name -> a generated JSON model of SIZE (the same seed)."""
+    from xvalid.cli import main
+
     root = tmp_path_factory.mktemp("dtypes")
     out = {}
     for name, flags in {"float32": [], **DTYPES}.items():
         out[name] = root / f"{name}.json"
-        proc = run_cli("generate", *SIZE, *flags, "-o", out[name])
-        assert proc.returncode == 0, proc.stderr
+        with pytest.raises(SystemExit) as done:
+            main(["generate", *SIZE, *flags, "-o", str(out[name])])
+        assert done.value.code == 0
     return out
 
 
@@ -354,6 +352,25 @@ def test_inspect_shows_storage_dtypes_and_weight_bytes(cli, files):
 
 # ---- compare: the quantisation cost ---------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def reports(files, tmp_path_factory) -> dict[str, tuple[int, str, dict]]:
+    """name -> (exit code, stdout, JSON report) of `compare --backends torch --engine <numpy
+    engine>` on each file, one timing run: every test below reads these."""
+    import contextlib
+    import io
+
+    from xvalid.cli import main
+
+    root = tmp_path_factory.mktemp("reports")
+    out = {}
+    for name, path in files.items():
+        report, text = root / f"{name}.json", io.StringIO()
+        with contextlib.redirect_stdout(text), pytest.raises(SystemExit) as done:
+            main(["compare", str(path), "--backends", "torch", "--engine", ENGINE, "--repeat", "1",
+                  "--warmup", "0", "--json", str(report)])
+        out[name] = (done.value.code, text.getvalue(), json.loads(report.read_text()))
+    return out
+
 def independent_cost(quantized: np.ndarray, source: np.ndarray, keep: np.ndarray) -> dict:
     """The same numbers through torch, written apart from metrics.py."""
     q = torch.from_numpy(quantized[keep]).double()
@@ -368,10 +385,10 @@ def independent_cost(quantized: np.ndarray, source: np.ndarray, keep: np.ndarray
 
 
 @pytest.mark.parametrize("name", DTYPES)
-def test_compare_reports_the_quantisation_cost_beside_the_verdict(cli, files, tmp_path, name):
-    result, report = compare_json(cli, tmp_path, files[name])
-    assert result.code == 0, result.out + result.err
-    assert "quantisation cost" in result.out and "not part of the verdict" in result.out
+def test_compare_reports_the_quantisation_cost_beside_the_verdict(cli, files, reports, tmp_path, name):
+    code, out, report = reports[name]
+    assert code == 0, out
+    assert "quantisation cost" in out and "not part of the verdict" in out
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(report, json.loads((REPO / "python/xvalid/schemas/compare-report.schema.json").read_text()))
     cost = report["quantization"]
@@ -389,18 +406,18 @@ def test_compare_reports_the_quantisation_cost_beside_the_verdict(cli, files, tm
     assert report["verdict"] == "pass"  # the cost is beside the verdict
 
 
-def test_quantisation_cost_grows_with_coarser_storage(cli, files, tmp_path):
+def test_quantisation_cost_grows_with_coarser_storage(reports):
     """bfloat16 keeps 8 bits of mantissa, float16 11: its cost is the larger; per-row int8
     scales are coarser than per-32 ones."""
-    kl = {name: compare_json(cli, tmp_path, files[name])[1]["quantization"]["kl_mean"] for name in DTYPES}
+    kl = {name: reports[name][2]["quantization"]["kl_mean"] for name in DTYPES}
     assert kl["float16"] < kl["bfloat16"]
     assert kl["int8"] < kl["int8-row"]
 
 
-def test_a_float32_file_has_no_quantisation_cost(cli, files, tmp_path):
-    result, report = compare_json(cli, tmp_path, files["float32"])
-    assert result.code == 0 and report["quantization"] is None and report["model"]["weight_dtype"] == "float32"
-    assert "quantisation cost" not in result.out
+def test_a_float32_file_has_no_quantisation_cost(reports):
+    code, out, report = reports["float32"]
+    assert code == 0 and report["quantization"] is None and report["model"]["weight_dtype"] == "float32"
+    assert "quantisation cost" not in out
 
 
 # ---- every implementation on every dtype ----------------------------------------------------
@@ -421,10 +438,10 @@ def test_numpy_engine_reads_the_dtypes_as_xvalid_does(files, name):
 
 
 @pytest.mark.parametrize("name", DTYPES)
-def test_numpy_engine_passes_at_the_float32_budget(cli, files, tmp_path, name):
-    plain = compare_json(cli, tmp_path, files["float32"])[1]["tolerance"]
-    result, report = compare_json(cli, tmp_path, files[name], "--engine", ENGINE)
-    assert result.code == 0, result.out + result.err
+def test_numpy_engine_passes_at_the_float32_budget(reports, name):
+    plain = reports["float32"][2]["tolerance"]
+    code, out, report = reports[name]
+    assert code == 0, out
     tol = report["tolerance"]
     assert tol["dtype"] == "float32" and tol["atol_source"] == plain["atol_source"]
     assert [c["status"] for c in report["candidates"]] == ["pass", "pass"]
