@@ -318,6 +318,7 @@ def test_converting_a_converted_file_keeps_the_first_source(cli, files, tmp_path
     (["--quant-block", "x"], "'x' is not a positive whole number or 'row'"),
     (["--quant-block", "65"], "int8 block size 65 must be in [1, 64]"),
     (["--weight-dtype", "int4"], "'int4' is not one of"),
+    (["--weight-dtype", "bfloat16", "--quant-block", "32"], "--quant-block applies to --weight-dtype int8 only"),
 ])
 def test_bad_weight_dtype_flags_are_one_line(cli, tmp_path, flags, needle):
     out = tmp_path / "m.json"

@@ -77,7 +77,7 @@ def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
 
 
 class QuantBlock(click.ParamType):
-    """--quant-block: a positive block length, or 'row' (one scale per output row: None)."""
+    """--quant-block: a positive block length, or 'row' (one scale per output row)."""
 
     name = "N|row"
 
@@ -85,7 +85,7 @@ class QuantBlock(click.ParamType):
         if value is None or isinstance(value, int):
             return value
         if str(value).strip() == "row":
-            return None
+            return "row"
         try:
             block = int(value)
         except ValueError:
@@ -102,14 +102,22 @@ def weight_dtype_options(fn):
                      help="Store the weights as float32, float16, bfloat16 or int8 (docs/model-"
                           "format.md); the file also records the float32 model's logits, from "
                           "which compare reports the quantisation cost [float32]"),
-        click.option("--quant-block", type=QuantBlock(), default=INT8["default_block_size"],
-                     show_default=True,
-                     help="int8: values per scale along a row (32: llama.cpp's Q8_0), or 'row' "
-                          "for one scale per output row"),
+        click.option("--quant-block", type=QuantBlock(), default=None,
+                     help=f"int8: values per scale along a row, or 'row' for one scale per output "
+                          f"row [{INT8['default_block_size']}: llama.cpp's Q8_0]"),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def block_size(weight_dtype: str | None, quant_block: int | str | None) -> int | None:
+    """The int8 block size --quant-block asks for (None: one scale per row); the flag is an
+    error with any other --weight-dtype, rather than ignored."""
+    from .dtypes import DEFAULT_BLOCK_SIZE
+    if quant_block is not None and weight_dtype != "int8":
+        raise click.UsageError("--quant-block applies to --weight-dtype int8 only")
+    return None if quant_block == "row" else quant_block or DEFAULT_BLOCK_SIZE
 
 
 @cli.command(context_settings=CONTEXT)
@@ -137,6 +145,7 @@ def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, 
     from .report import print_generate_summary
 
     start = time.perf_counter()
+    block = block_size(weight_dtype, quant_block)
     cfg = config_from_flags(preset, sizes)
     mf = generate_model(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed, pad=pad,
                         init_std=init_std, pad_len=pad_len)
@@ -154,7 +163,7 @@ def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, 
     logits = reference_logits(mf)
     record_reference(mf, logits)
     if weight_dtype not in (None, "float32"):  # these logits become the file's source record
-        mf = convert_weights(mf, weight_dtype, quant_block, logits)
+        mf = convert_weights(mf, weight_dtype, block, logits)
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
 
@@ -176,12 +185,13 @@ def convert(model, output, container, weight_dtype, quant_block):
     (quantised) too, and OUTPUT records the logits of MODEL's model as its source."""
     from .modelfile import container_of, read_model, write_model
 
+    block = block_size(weight_dtype, quant_block)
     source = container_of(model)
     mf = read_model(model)
     before = mf.weight_dtype
     if weight_dtype is not None:
         from .generate import convert_weights
-        mf = convert_weights(mf, weight_dtype, quant_block)
+        mf = convert_weights(mf, weight_dtype, block)
         container = container or source
     container = container or ("json" if source == "safetensors" else "safetensors")
     write_model(mf, output, container=container)
