@@ -162,8 +162,8 @@ def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, 
     # Record the reference's logit statistics, so a later PASS is known to mean something.
     logits = reference_logits(mf)
     record_reference(mf, logits)
-    if weight_dtype not in (None, "float32"):  # these logits become the file's source record
-        mf = convert_weights(mf, weight_dtype, block, logits)
+    if weight_dtype not in (None, "float32"):
+        mf = convert_weights(mf, weight_dtype, block)
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
 

@@ -397,12 +397,13 @@ def time_candidates(candidates: list[Candidate], backends: dict[str, Backend], m
 
 def quantization_report(mf: ModelFile, ref: ReferenceRun) -> dict | None:
     """The quantisation cost when the file records the model its weights were converted from
-    (its `source` logits): the reference of the stored model against them. Information about
-    the quantisation beside the verdict, never part of it. None without a record."""
+    (its `source` logits, computed in float64): the float64 reference of the stored model
+    against them, so float32 rounding noise stays out. Information about the quantisation
+    beside the verdict, never part of it. None without a record."""
     if mf.source_logits is None:
         return None
     return {"weight_dtype": mf.weight_dtype, "source_weight_dtype": mf.source_weight_dtype,
-            **quantization_cost(ref.logits, mf.source_logits, ref.keep)}
+            **quantization_cost(ref.logits64, mf.source_logits, ref.keep)}
 
 
 def build_report(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,

@@ -124,10 +124,18 @@ def logit_statistics(logits: np.ndarray, mask: np.ndarray) -> dict:
             "logits_std": r(rows.std())}
 
 
-def reference_logits(mf: ModelFile) -> np.ndarray:
-    """The float32 reference's logits (B, S, V) on the file's own inputs."""
+def reference_logits(mf: ModelFile, dtype: str = "float32") -> np.ndarray:
+    """The reference's logits (B, S, V) on the file's own inputs, computed in `dtype`."""
     from .reference import Reference
-    return Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
+    return Reference(mf, dtype).forward(mf.input_ids, mf.attention_mask).numpy()
+
+
+def source_logits(mf: ModelFile) -> np.ndarray:
+    """The logits a `source` record keeps: the reference computed in float64, rounded to
+    float32. Free of float32 rounding noise, so the quantisation cost measures the conversion
+    alone, and the same on every machine and thread count (a float32 forward's last bits
+    are not), so the same generate flags still write the same bytes."""
+    return reference_logits(mf, "float64").astype(np.float32)
 
 
 def record_reference(mf: ModelFile, logits: np.ndarray) -> None:
@@ -143,13 +151,12 @@ def weight_dtype_flags(weight_dtype: str, block_size: int | None) -> str:
     return f" --weight-dtype {weight_dtype}{block}"
 
 
-def convert_weights(mf: ModelFile, weight_dtype: str, block_size: int | None = DEFAULT_BLOCK_SIZE,
-                    logits: np.ndarray | None = None) -> ModelFile:
+def convert_weights(mf: ModelFile, weight_dtype: str,
+                    block_size: int | None = DEFAULT_BLOCK_SIZE) -> ModelFile:
     """`mf` with its weights stored in `weight_dtype` (dtypes.store_weights), and the record
-    compare's quantisation cost needs: `source` (the logits of the model before conversion,
-    `logits` when the caller has them, else the reference is run; a file that already has a
-    source keeps it, the most original model), meta.quantization, and meta.reference for the
-    new model. Converting to float32 keeps the stored values exactly (the same model); a
+    compare's quantisation cost needs: `source` (source_logits of the model before
+    conversion; a file that already has a source keeps it, the most original model),
+    meta.quantization, and meta.reference for the new model. Converting to float32 keeps the stored values exactly (the same model); a
     conversion to what the file already stores returns `mf` unchanged."""
     before = mf.weight_dtype
     same_blocks = all(stored.block_size == (block_size or stored.shape[-1])
@@ -159,7 +166,7 @@ def convert_weights(mf: ModelFile, weight_dtype: str, block_size: int | None = D
     out = store_weights(mf, weight_dtype, block_size)
     out.meta = dict(mf.meta)
     if weight_dtype != "float32" and out.source_logits is None:
-        out.source_logits = logits if logits is not None else reference_logits(mf)
+        out.source_logits = source_logits(mf)
         out.source_weight_dtype = before
     out.meta["quantization"] = quantization_meta(weight_dtype, block_size, before)
     if weight_dtype != "float32":
