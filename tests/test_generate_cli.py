@@ -144,11 +144,11 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = modelfile.encode_tensor
 
-    def interrupt_midway(name, array):
+    def interrupt_midway(name, array, *stored):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real(name, array)
+        return real(name, array, *stored)
 
     monkeypatch.setattr(modelfile, "encode_tensor", interrupt_midway)
     with pytest.raises(KeyboardInterrupt):

@@ -77,7 +77,7 @@ def test_original_is_valid(cli, original, tmp_path):
     path = tmp_path / "m.json"
     path.write_bytes(original)
     assert cli("inspect", path, "--no-tensors").code == 0
-    assert json.loads(original)["format_version"] == 1
+    assert json.loads(original)["format_version"] == 1  # float32 weights: still version 1
 
 
 # ---- hostile files refused alike by every entry point (issue 11) ---------------------------
@@ -137,9 +137,9 @@ CASES = {
                            None, "weights.layers[0].wq.shape[1]: number -1e400 does not fit in a double"),
     # 3: integers that wrapped to negative numbers in int64
     "format-version-2^64-1": (lambda: edited(lambda d: d.update(format_version=2**64 - 1)), None,
-                              "format_version: 18446744073709551615 is newer than this reader supports (1); update xvalid"),
+                              "format_version: 18446744073709551615 is newer than this reader supports (2); update xvalid"),
     "format-version-2^63": (lambda: edited(lambda d: d.update(format_version=2**63)), None,
-                            "format_version: 9223372036854775808 is newer than this reader supports (1); update xvalid"),
+                            "format_version: 9223372036854775808 is newer than this reader supports (2); update xvalid"),
     "format-version-negative": (lambda: edited(lambda d: d.update(format_version=-1)), None,
                                 "format_version: must be a positive integer, found -1"),
     # 4: hyperparameters outside a meaningful range
@@ -323,14 +323,16 @@ AGREEMENT_EDITS = {
     "null-encoding-means-base64": (lambda d: d["rope"]["sin"].update(encoding=None), None),
     "other-encoding": (lambda d: d["rope"]["sin"].update(encoding="hex"),
                        "rope.sin: encoding expected 'base64', found 'hex'"),
-    "reserved-dtype": (lambda d: d["weights"]["final_rms"].update(dtype="bfloat16"),
-                       "weights.final_rms: dtype bfloat16 is not supported yet (format version 1 reads float32 here)"),
+    "reserved-dtype": (lambda d: d["rope"]["cos"].update(dtype="float8_e5m2"),
+                       "rope.cos: dtype float8_e5m2 is not supported yet (format version 2 reads float32 here)"),
     "reserved-dtype-int4": (lambda d: d["inputs"]["input_ids"].update(dtype="int4"),
-                            "inputs.input_ids: dtype int4 is not supported yet (format version 1 reads int32 here)"),
-    "unknown-dtype": (lambda d: d["weights"]["final_rms"].update(dtype="float64"),
-                      "weights.final_rms: dtype expected float32, found 'float64'"),
-    "storage-dtype-in-the-wrong-place": (lambda d: d["weights"]["final_rms"].update(dtype="int32"),
-                                         "weights.final_rms: dtype expected float32, found 'int32'"),
+                            "inputs.input_ids: dtype int4 is not supported yet (format version 2 reads int32 here)"),
+    "unknown-dtype": (lambda d: d["rope"]["sin"].update(dtype="float64"),
+                      "rope.sin: dtype expected float32, found 'float64'"),
+    "storage-dtype-in-the-wrong-place": (lambda d: d["rope"]["cos"].update(dtype="int32"),
+                                         "rope.cos: dtype expected float32, found 'int32'"),
+    "reduced-dtype-outside-the-weights": (lambda d: d["rope"]["cos"].update(dtype="float16"),
+                                          "rope.cos: dtype expected float32, found 'float16'"),
     "no-inputs": (lambda d: d.pop("inputs"), "missing"),
     "no-rope": (lambda d: d.pop("rope"), "missing"),
     "no-lm-head-means-tied": (lambda d: d["weights"].pop("lm_head", None), None),
@@ -509,3 +511,198 @@ def test_both_readers_find_the_same_too_deep_bracket(tmp_path, text, deep):
         messages.append(str(exc))
     too_deep = [m for m in messages if "nested deeper than 64 levels" in m]
     assert len(too_deep) in (0, 2) and len(set(too_deep)) <= 1, messages
+
+
+# ---- reduced-precision weights and the source record (format version 2) ---------------------
+# Edits of the base model with weights stored as int8, float16 or bfloat16 (converted here,
+# by hand, not by xvalid's writer). The Python reader's messages are the contract of
+# docs/model-format.md; the C++ loader learns the dtypes with the ckernel branch (until then
+# its half of the test is expected to fail).
+
+CPP_PENDING = pytest.mark.xfail(strict=False, reason="C++ dtypes land with the ckernel branch")
+
+
+def _values(tensor: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(tensor["data"]), "<f4").reshape(tensor["shape"])
+
+
+def as_int8(tensor: dict, block: int) -> None:
+    """A float32 tensor object becomes int8 (scale = absmax / 127 per block of a row), in place."""
+    values = _values(tensor)
+    rows, columns = values.shape
+    blocks = -(-columns // block)
+    scales, q = np.zeros((rows, blocks), np.float32), np.zeros((rows, columns), np.int8)
+    for r in range(rows):
+        for b in range(blocks):
+            chunk = values[r, b * block:(b + 1) * block]
+            scales[r, b] = np.abs(chunk).max() / 127
+            q[r, b * block:(b + 1) * block] = np.round(chunk / scales[r, b]) if scales[r, b] else 0
+    tensor.update(dtype="int8", data=b64(q), block_size=block,
+                  scales={"shape": [rows, blocks], "dtype": "float32", "encoding": "base64", "data": b64(scales)})
+
+
+def as_half(tensor: dict, dtype: str, poison: tuple[int, int] | None = None) -> None:
+    """A float32 tensor object becomes float16 or bfloat16 (truncated bits), in place; `poison`
+    = (flat index, raw 16 bits) puts e.g. an infinity there."""
+    values = _values(tensor)
+    bits = values.astype("<f2").view("<u2") if dtype == "float16" else (values.view("<u4") >> 16).astype("<u2")
+    bits = bits.copy()
+    if poison is not None:
+        bits.reshape(-1)[poison[0]] = poison[1]
+    tensor.update(dtype=dtype, data=b64(bits))
+
+
+def int8_wq(edit=None):
+    """The base model with wq stored as int8 in blocks of 2 (scales [4, 2]), then edit(wq)."""
+    def apply(doc):
+        doc["format_version"] = 2
+        wq = doc["weights"]["layers"][0]["wq"]
+        as_int8(wq, 2)
+        if edit is not None:
+            edit(wq)
+    return apply
+
+
+def _poison_scale(wq: dict, value: float) -> None:
+    scales = _values(wq["scales"]).copy()
+    scales[1, 0] = value
+    wq["scales"]["data"] = b64(scales)
+
+
+def _with_source(edit=None, shape=(2, 3, 8), nan_at=None):
+    def apply(doc):
+        logits = np.linspace(-1, 1, int(np.prod(shape)), dtype=np.float32).reshape(shape)
+        if nan_at is not None:
+            logits[nan_at] = np.nan
+        doc["source"] = {"weight_dtype": "float32", "logits": {"shape": list(shape), "dtype": "float32",
+                                                               "encoding": "base64", "data": b64(logits)}}
+        if edit is not None:
+            edit(doc["source"])
+    return apply
+
+
+def _all_weights(doc, convert):
+    w = doc["weights"]
+    for name in ("tok_embedding", "final_rms", "lm_head"):
+        convert(name, w[name])
+    for name, tensor in w["layers"][0].items():
+        convert(name, tensor)
+
+
+MATRICES_TEXT = "float32, float16, bfloat16 or int8"
+DTYPE_CASES = {
+    # name -> (edit of the base model, message after "<path>: ")
+    "int8-no-scales": (int8_wq(lambda t: t.pop("scales")), "weights.layers[0].wq: int8 tensor has no 'scales'"),
+    "int8-null-scales": (int8_wq(lambda t: t.update(scales=None)), "weights.layers[0].wq: int8 tensor has no 'scales'"),
+    "int8-no-block-size": (int8_wq(lambda t: t.pop("block_size")),
+                           "weights.layers[0].wq: int8 tensor has no 'block_size'"),
+    "int8-block-size-0": (int8_wq(lambda t: t.update(block_size=0)),
+                          "weights.layers[0].wq: block_size must be an integer in [1, 4], found 0"),
+    "int8-block-size-beyond-the-row": (int8_wq(lambda t: t.update(block_size=5)),
+                                       "weights.layers[0].wq: block_size must be an integer in [1, 4], found 5"),
+    "int8-block-size-negative": (int8_wq(lambda t: t.update(block_size=-2)),
+                                 "weights.layers[0].wq: block_size must be an integer in [1, 4], found -2"),
+    "int8-block-size-string": (int8_wq(lambda t: t.update(block_size="2")),
+                               'weights.layers[0].wq: block_size must be an integer in [1, 4], found "2"'),
+    "int8-block-size-float": (int8_wq(lambda t: t.update(block_size=2.5)),
+                              "weights.layers[0].wq: block_size must be an integer in [1, 4], found 2.5"),
+    "int8-block-size-bool": (int8_wq(lambda t: t.update(block_size=True)),
+                             "weights.layers[0].wq: block_size must be an integer in [1, 4], found true"),
+    "int8-scales-count": (int8_wq(lambda t: t["scales"].update(shape=[4, 3])),
+                          "weights.layers[0].wq.scales: shape expected [4, 2], found [4, 3]"),
+    "int8-block-size-disagrees-with-scales": (int8_wq(lambda t: t.update(block_size=1)),
+                                              "weights.layers[0].wq.scales: shape expected [4, 4], found [4, 2]"),
+    "int8-scales-short": (int8_wq(lambda t: t["scales"].update(data=t["scales"]["data"][:-4])),
+                          "weights.layers[0].wq.scales: data holds 40 base64 characters, expected 44 for "
+                          "shape [4, 2] float32"),
+    "int8-scales-nan": (int8_wq(lambda t: _poison_scale(t, np.nan)),
+                        "weights.layers[0].wq.scales: non-finite value nan at index [1, 0] (1 in all)"),
+    "int8-scales-inf": (int8_wq(lambda t: _poison_scale(t, -np.inf)),
+                        "weights.layers[0].wq.scales: non-finite value -inf at index [1, 0] (1 in all)"),
+    "int8-scales-float16": (int8_wq(lambda t: t["scales"].update(dtype="float16")),
+                            "weights.layers[0].wq.scales: dtype expected float32, found 'float16'"),
+    "int8-scales-not-a-tensor": (int8_wq(lambda t: t.update(scales=[1, 2])),
+                                 "weights.layers[0].wq.scales: expected a tensor object, found list"),
+    "int8-short-data": (int8_wq(lambda t: t.update(data=t["data"][:-4])),
+                        "weights.layers[0].wq: data holds 20 base64 characters, expected 24 for shape [4, 4] int8"),
+    "int8-on-a-norm": (lambda d: d["weights"]["final_rms"].update(dtype="int8"),
+                       "weights.final_rms: dtype int8 is only allowed for 2-D weight matrices"),
+    "int8-on-rope": (lambda d: d["rope"]["cos"].update(dtype="int8"), "rope.cos: dtype expected float32, found 'int8'"),
+    "float16-inf": (lambda d: as_half(d["weights"]["final_rms"], "float16", (2, 0x7C00)),
+                    "weights.final_rms: non-finite value inf at index [2] (1 in all)"),
+    "bfloat16-nan": (lambda d: as_half(d["weights"]["layers"][0]["wk"], "bfloat16", (7, 0x7FC0)),
+                     "weights.layers[0].wk: non-finite value nan at index [1, 3] (1 in all)"),
+    "bfloat16-minus-inf": (lambda d: as_half(d["weights"]["tok_embedding"], "bfloat16", (0, 0xFF80)),
+                           "weights.tok_embedding: non-finite value -inf at index [0, 0] (1 in all)"),
+    "float16-with-float32-bytes": (lambda d: d["weights"]["layers"][0]["wo"].update(dtype="float16"),
+                                   "weights.layers[0].wo: data holds 88 base64 characters, expected 44 for "
+                                   "shape [4, 4] float16"),
+    "weight-dtype-unknown": (lambda d: d["weights"]["final_rms"].update(dtype="float64"),
+                             "weights.final_rms: dtype expected float32, float16 or bfloat16, found 'float64'"),
+    "weight-dtype-int32": (lambda d: d["weights"]["layers"][0]["w_up"].update(dtype="int32"),
+                           f"weights.layers[0].w_up: dtype expected {MATRICES_TEXT}, found 'int32'"),
+    "weight-dtype-reserved": (lambda d: d["weights"]["layers"][0]["wq"].update(dtype="int4"),
+                              f"weights.layers[0].wq: dtype int4 is not supported yet (format version 2 reads "
+                              f"{MATRICES_TEXT} here)"),
+    "norm-dtype-reserved": (lambda d: d["weights"]["final_rms"].update(dtype="float8_e4m3"),
+                            "weights.final_rms: dtype float8_e4m3 is not supported yet (format version 2 reads "
+                            "float32, float16 or bfloat16 here)"),
+    "source-no-logits": (_with_source(lambda s: s.pop("logits")), "missing key 'source.logits'"),
+    "source-no-weight-dtype": (_with_source(lambda s: s.pop("weight_dtype")), "missing key 'source.weight_dtype'"),
+    "source-weight-dtype-number": (_with_source(lambda s: s.update(weight_dtype=32)),
+                                   "source.weight_dtype: expected a string, found 32"),
+    "source-not-an-object": (lambda d: d.update(source=[1]), "source: expected an object, found list"),
+    "source-logits-shape": (_with_source(shape=(2, 3, 7)), "source.logits: shape expected [2, 3, 8], found [2, 3, 7]"),
+    "source-logits-nan": (_with_source(nan_at=(1, 2, 5)),
+                          "source.logits: non-finite value nan at index [1, 2, 5] (1 in all)"),
+}
+DTYPE_VALID = {
+    # files both readers must load
+    "int8-wq": int8_wq(),
+    "int8-partial-last-block": lambda d: as_int8(d["weights"]["layers"][0]["w_down"], 3),  # C = 8: 3 + 3 + 2
+    "int8-one-scale-per-row": lambda d: as_int8(d["weights"]["layers"][0]["w_gate"], 4),
+    "int8-q-is-minus-128": int8_wq(lambda t: t.update(data=b64(np.full((4, 4), -128, np.int8)))),
+    "int8-everything": lambda d: _all_weights(d, lambda name, t: as_int8(t, 2) if len(t["shape"]) == 2 else None),
+    "float16-everything": lambda d: _all_weights(d, lambda name, t: as_half(t, "float16")),
+    "bfloat16-everything": lambda d: _all_weights(d, lambda name, t: as_half(t, "bfloat16")),
+    "mixed": lambda d: (as_half(d["weights"]["final_rms"], "float16"), as_int8(d["weights"]["lm_head"], 4),
+                        as_half(d["weights"]["layers"][0]["wv"], "bfloat16")),
+    "version-1-with-float16": lambda d: as_half(d["weights"]["layers"][0]["rms_attn"], "float16"),
+    "source-record": _with_source(),
+}
+
+
+@pytest.mark.parametrize("name", DTYPE_CASES)
+def test_reduced_precision_hostile_file_is_refused_in_one_line(cli, tmp_path, name):
+    edit, message = DTYPE_CASES[name]
+    path = tmp_path / f"{name}.json"
+    path.write_bytes(edited(edit))
+    want = f"{path}: {message}"
+    assert one_line(cli("inspect", path), "xvalid: error: ") == want
+    out = tmp_path / "torch.npy"
+    assert one_line(cli("run", path, "--backend", "torch", "-o", out), "xvalid: error: ") == want
+    assert not out.exists()
+    assert one_line(cli("compare", path, "--backends", "torch", "--repeat", "1", "--warmup", "0"),
+                    "xvalid: error: ") == want
+
+
+@pytest.mark.parametrize("name", DTYPE_VALID)
+def test_reduced_precision_valid_files_are_read(cli, tmp_path, name):
+    path = tmp_path / f"{name}.json"
+    path.write_bytes(edited(DTYPE_VALID[name]))
+    result = cli("run", path, "--backend", "torch", "-o", tmp_path / "l.npy")
+    assert result.code == 0, result.err
+    assert np.isfinite(np.load(tmp_path / "l.npy")).all()
+
+
+@CPP_PENDING
+@pytest.mark.parametrize("name", [*DTYPE_CASES, *DTYPE_VALID])
+def test_both_readers_agree_on_reduced_precision_files(tmp_path, name):
+    path = tmp_path / f"{name}.json"
+    if name in DTYPE_CASES:
+        edit, message = DTYPE_CASES[name]
+        path.write_bytes(edited(edit))
+        assert verdicts(path) == (f"{path}: {message}",) * 2
+    else:
+        path.write_bytes(edited(DTYPE_VALID[name]))
+        assert verdicts(path) == ("loaded", "loaded")

@@ -145,18 +145,18 @@ HOSTILE = {
                             "overlap another tensor's bytes"),
     "wrong-byte-count": (edit_header(lambda h: h["weights.final_rms"].update(shape=[5])),
                          "weights.final_rms: data_offsets"),
-    "wrong-dtype-f64": (edit_header(lambda h: h["weights.final_rms"].update(dtype="F64")),
-                        "weights.final_rms: dtype expected float32, found 'F64'"),
-    "reserved-dtype-bf16": (edit_header(lambda h: h["weights.final_rms"].update(dtype="BF16", shape=[8])),
-                            "weights.final_rms: dtype bfloat16 is not supported yet (format version 1 reads float32 here)"),
-    "int-where-float": (edit_header(lambda h: h["weights.final_rms"].update(dtype="I32")),
-                        "weights.final_rms: dtype expected float32, found 'int32'"),
+    "wrong-dtype-f64": (edit_header(lambda h: h["rope.cos"].update(dtype="F64")),
+                        "rope.cos: dtype expected float32, found 'F64'"),
+    "reserved-dtype-f8": (edit_header(lambda h: h["rope.cos"].update(dtype="F8_E4M3")),
+                          "rope.cos: dtype float8_e4m3 is not supported yet (format version 2 reads float32 here)"),
+    "int-where-float": (edit_header(lambda h: h["rope.cos"].update(dtype="I32")),
+                        "rope.cos: dtype expected float32, found 'int32'"),
     "no-config": (edit_header(lambda h: h["__metadata__"].pop("config")),
                   "__metadata__.config: expected JSON text, found null"),
     "config-not-json": (edit_header(lambda h: h["__metadata__"].update(config="{oops")),
                         "__metadata__.config: not valid JSON"),
-    "format-version-2": (edit_header(lambda h: h["__metadata__"].update(format_version="2")),
-                         "format_version: 2 is newer than this reader supports (1); update xvalid"),
+    "format-version-3": (edit_header(lambda h: h["__metadata__"].update(format_version="3")),
+                         "format_version: 3 is newer than this reader supports (2); update xvalid"),
     "nan-weight": (None, "weights.final_rms: "),
     "deep-header": (lambda p: build({"x": json.loads("[" * 70 + "]" * 70)}, b""),
                     "safetensors header: nested deeper than 64 levels"),
@@ -198,3 +198,134 @@ def test_hostile_safetensors_refused_alike(cli, st_model, tmp_path, name):
         assert str(cpp_err.value).startswith(f"{path}: weights.final_rms: ") and "\n" not in str(cpp_err.value)
     else:
         assert str(cpp_err.value) == line
+
+
+# ---- reduced-precision weights in safetensors -----------------------------------------------
+# The base model with int8 weights (blocks of 2) and a source record, written by `convert
+# --weight-dtype int8`, then damaged. The same lines as the JSON container's (docs/model-
+# format.md); the C++ loader's half waits for the ckernel branch.
+
+CPP_PENDING = pytest.mark.xfail(strict=False, reason="C++ dtypes land with the ckernel branch")
+WQ = "weights.layers[0].wq"
+
+
+@pytest.fixture(scope="module")
+def q_model(tmp_path_factory) -> Path:
+    from xvalid.cli import main
+    path = tmp_path_factory.mktemp("st-int8") / "q.safetensors"
+    with pytest.raises(SystemExit) as done:
+        main(["convert", str(BASE_MODEL), str(path), "--weight-dtype", "int8", "--quant-block", "2",
+              "--format", "safetensors"])
+    assert done.value.code == 0
+    return path
+
+
+def _metadata(edit):
+    return edit_header(lambda h: edit(h["__metadata__"]))
+
+
+def _quantization(edit):
+    def apply(meta):
+        blocks = json.loads(meta["quantization"])
+        edit(blocks)
+        meta["quantization"] = json.dumps(blocks)
+    return _metadata(apply)
+
+
+def _rename(key, new):
+    return edit_header(lambda h: h.update({new: h.pop(key)}))
+
+
+def _patch(key, offset, raw: bytes):
+    """Overwrite bytes of tensor `key` at `offset` (from its start)."""
+    def make(path: Path) -> bytes:
+        header, data = parts(path)
+        begin = header[key]["data_offsets"][0] + offset
+        return build(header, data[:begin] + raw + data[begin + len(raw):])
+    return make
+
+
+ST_DTYPE_CASES = {
+    "int8-no-scales-tensor": (_rename(WQ + ".scales", WQ + ".scalez"), f"{WQ}: int8 tensor has no 'scales'"),
+    "int8-no-block-size-entry": (_quantization(lambda b: b.pop(WQ)), f"{WQ}: int8 tensor has no 'block_size'"),
+    "int8-no-quantization-metadata": (_metadata(lambda m: m.pop("quantization")),
+                                      "weights.tok_embedding: int8 tensor has no 'block_size'"),
+    "int8-block-size-0": (_quantization(lambda b: b[WQ].update(block_size=0)),
+                          f"{WQ}: block_size must be an integer in [1, 4], found 0"),
+    "int8-block-size-null": (_quantization(lambda b: b[WQ].update(block_size=None)),
+                             f"{WQ}: int8 tensor has no 'block_size'"),
+    "int8-block-size-disagrees-with-scales": (_quantization(lambda b: b[WQ].update(block_size=1)),
+                                              f"{WQ}.scales: shape expected [4, 4], found [4, 2]"),
+    "int8-scales-nan": (_patch(WQ + ".scales", 12, np.float32(np.nan).tobytes()),
+                        f"{WQ}.scales: non-finite value nan at index [1, 1] (1 in all)"),
+    "int8-scales-f16": (edit_header(lambda h: h[WQ + ".scales"].update(dtype="F16", shape=[4, 4])),
+                        f"{WQ}.scales: dtype expected float32, found 'float16'"),
+    "quantization-not-json": (_metadata(lambda m: m.update(quantization="{oops")),
+                              "__metadata__.quantization: not valid JSON"),
+    "quantization-not-an-object": (_metadata(lambda m: m.update(quantization="[1]")),
+                                   "__metadata__.quantization: expected an object, found [1]"),
+    "quantization-entry-not-an-object": (_quantization(lambda b: b.update({WQ: 32})),
+                                         f'__metadata__.quantization: {WQ}: expected an object {{"block_size": n}}, '
+                                         f"found 32"),
+    "int8-on-a-norm": (edit_header(lambda h: h["weights.final_rms"].update(dtype="I8", shape=[16])),
+                       "weights.final_rms: dtype int8 is only allowed for 2-D weight matrices"),
+    "lying-dtype-f16": (edit_header(lambda h: h["weights.final_rms"].update(dtype="F16")),
+                        "weights.final_rms: data_offsets [{begin}, {end}] hold 16 bytes, shape [4] F16 needs 8"),
+    "lying-dtype-bf16-shape": (edit_header(lambda h: h["weights.final_rms"].update(dtype="BF16", shape=[8])),
+                               "weights.final_rms: shape expected [4], found [8]"),
+    "float16-inf": (None, "weights.final_rms: non-finite value inf at index [1] (1 in all)"),
+    "source-no-metadata": (_metadata(lambda m: m.pop("source")), "missing key 'source.weight_dtype'"),
+    "source-no-tensor": (_rename("source.logits", "source.logitz"), "missing key 'source.logits'"),
+    "source-metadata-not-an-object": (_metadata(lambda m: m.update(source="[1]")),
+                                      "__metadata__.source: expected an object, found [1]"),
+}
+
+
+def float16_inf(q_model: Path) -> bytes:
+    """final_rms stored as float16 with an infinity at index 1."""
+    header, data = parts(q_model)
+    begin, end = header["weights.final_rms"]["data_offsets"]
+    half = np.frombuffer(data[begin:end], "<f4").astype("<f2")
+    half[1] = np.inf
+    header["weights.final_rms"].update(dtype="F16", data_offsets=[begin, begin + 8])
+    filler = {"dtype": "U8", "shape": [8], "data_offsets": [begin + 8, end]}  # the freed bytes
+    header["filler"] = filler
+    return build(header, data[:begin] + half.tobytes() + data[begin + 8:])
+
+
+def st_dtype_case(q_model: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
+    make, message = ST_DTYPE_CASES[name]
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes(float16_inf(q_model) if make is None else make(q_model))
+    header, _ = parts(q_model)
+    begin, end = header["weights.final_rms"]["data_offsets"]
+    return path, f"{path}: " + message.replace("{begin}", str(begin)).replace("{end}", str(end))
+
+
+def test_quantized_safetensors_model_is_valid(q_model):
+    mf = read_model(q_model)
+    assert mf.weight_dtype == "int8" and mf.storage[WQ].block_size == 2 and mf.source_logits is not None
+
+
+@pytest.mark.parametrize("name", ST_DTYPE_CASES)
+def test_reduced_precision_safetensors_refused_in_one_line(cli, q_model, tmp_path, name):
+    from xvalid.errors import ModelFileError
+
+    path, want = st_dtype_case(q_model, tmp_path, name)
+    result = cli("inspect", path, "--no-tensors")
+    result.assert_one_line_error(2)
+    assert result.err.strip() == f"xvalid: error: {want}"
+    with pytest.raises(ModelFileError) as err:
+        read_model(path)
+    assert str(err.value) == want
+
+
+@CPP_PENDING
+@pytest.mark.parametrize("name", ST_DTYPE_CASES)
+def test_cpp_refuses_reduced_precision_safetensors_alike(q_model, tmp_path, name):
+    from xvalid import _core
+
+    path, want = st_dtype_case(q_model, tmp_path, name)
+    with pytest.raises(_core.ModelFileError) as err:
+        _core.Model(str(path))
+    assert str(err.value) == want

@@ -94,6 +94,50 @@ def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
     return ModelConfig.from_json(base)
 
 
+class QuantBlock(click.ParamType):
+    """--quant-block: a positive block length, or 'row' (one scale per output row)."""
+
+    name = "N|row"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip() == "row":
+            return "row"
+        try:
+            block = int(value)
+        except ValueError:
+            block = 0
+        if block < 1:
+            self.fail(f"{value!r} is not a positive whole number or 'row'", param, ctx)
+        return block
+
+
+def weight_dtype_options(fn):
+    from .formatspec import INT8, WEIGHT_DTYPES
+    options = [
+        click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
+                     help="Store the weights as float32, float16, bfloat16 or int8 (docs/model-"
+                          "format.md); the file also records the float32 model's logits, from "
+                          "which compare reports the quantisation cost [float32]"),
+        click.option("--quant-block", type=QuantBlock(), default=None,
+                     help=f"int8: values per scale along a row, or 'row' for one scale per output "
+                          f"row [{INT8['default_block_size']}: llama.cpp's Q8_0]"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def block_size(weight_dtype: str | None, quant_block: int | str | None) -> int | None:
+    """The int8 block size --quant-block asks for (None: one scale per row); the flag is an
+    error with any other --weight-dtype, rather than ignored."""
+    from .dtypes import DEFAULT_BLOCK_SIZE
+    if quant_block is not None and weight_dtype != "int8":
+        raise click.UsageError("--quant-block applies to --weight-dtype int8 only")
+    return None if quant_block == "row" else quant_block or DEFAULT_BLOCK_SIZE
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
               help="Named config; the size flags below override its fields.")
@@ -104,14 +148,16 @@ def config_from_flags(preset: str, sizes: dict) -> ModelConfig:
               default=Path("model.json"), show_default=True)
 @click.option("--format", "container", type=click.Choice(["json", "safetensors"]), default="json",
               show_default=True, help="The file's container (docs/model-format.md).")
+@weight_dtype_options
 def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, container,
-             **sizes):
+             weight_dtype, quant_block, **sizes):
     """Write a seeded random-weight model and its inputs as one JSON file."""
-    from .generate import generate_model
+    from .generate import convert_weights, generate_model, record_reference, reference_logits
     from .modelfile import write_model
     from .report import print_generate_summary
 
     start = time.perf_counter()
+    block = block_size(weight_dtype, quant_block)
     cfg = config_from_flags(preset, sizes)
     mf = generate_model(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed, pad=pad,
                         init_std=init_std, pad_len=pad_len)
@@ -125,18 +171,13 @@ def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, 
         f"--pad {mf.meta['generator']['pad_rows']}"
         f"{f' --pad-len {pad_len}' if pad_len is not None else ''} --seed {seed} "
         f"--init-std {init_std!r}")
-    record_reference_statistics(mf)
+    # Record the reference's logit statistics, so a later PASS is known to mean something.
+    logits = reference_logits(mf)
+    record_reference(mf, logits)
+    if weight_dtype not in (None, "float32"):
+        mf = convert_weights(mf, weight_dtype, block)
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
-
-
-def record_reference_statistics(mf) -> None:
-    """Record the reference's logit statistics in meta.reference, so that a later PASS is
-    known to mean something (a large top-1 margin, a low entropy)."""
-    from .generate import logit_statistics
-    from .reference import Reference
-    logits = Reference(mf).forward(mf.input_ids, mf.attention_mask).numpy()
-    mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +243,8 @@ def import_checkpoint(ctx, checkpoint, output, container, id_rows, ids_file, seq
         inputs = {"drawn": True, "pad_rows": pad, "padding": padding}
     mf = checkpoint_model(ck, ids, mask, {"seed": seed, "inputs": inputs})
     check_forward_memory(cfg, *ids.shape, intermediates=False)  # before the reference runs
-    record_reference_statistics(mf)
+    from .generate import record_reference, reference_logits
+    record_reference(mf, reference_logits(mf))
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
 
@@ -234,17 +276,27 @@ def export_checkpoint(model, directory, force):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "container", type=click.Choice(["json", "safetensors"]),
-              help="The output's container [the other one than MODEL's]")
-def convert(model, output, container):
+              help="The output's container [the other one than MODEL's; with --weight-dtype, "
+                   "MODEL's]")
+@weight_dtype_options
+def convert(model, output, container, weight_dtype, quant_block):
     """Write MODEL (either container) as OUTPUT in the other container; tensors are copied
-    byte for byte, config and meta unchanged."""
+    byte for byte, config and meta unchanged. With --weight-dtype the weights are converted
+    (quantised) too, and OUTPUT records the logits of MODEL's model as its source."""
     from .modelfile import container_of, read_model, write_model
 
+    block = block_size(weight_dtype, quant_block)
     source = container_of(model)
     mf = read_model(model)
+    before = mf.weight_dtype
+    if weight_dtype is not None:
+        from .generate import convert_weights
+        mf = convert_weights(mf, weight_dtype, block)
+        container = container or source
     container = container or ("json" if source == "safetensors" else "safetensors")
     write_model(mf, output, container=container)
-    click.echo(f"{model} ({source}) -> {output} ({container})")
+    dtypes = f", weights {before} -> {mf.weight_dtype}" if weight_dtype is not None else ""
+    click.echo(f"{model} ({source}) -> {output} ({container}{dtypes})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from .backends import (BUILTIN_BACKENDS, DEFAULT_BACKENDS, Backend, BackendSpec,
 from .engines import (DECODE_FILES, PROTOCOL_VERSION, EngineRequest, EngineResult,
                       ExternalEngine, make_engines)
 from .errors import EXIT_ENGINE, EXIT_FAIL, EXIT_PASS, EngineError, InputError
-from .metrics import POLICIES, TolerancePolicy, logit_metrics, tensor_error, within
+from .metrics import (POLICIES, TolerancePolicy, logit_metrics, quantization_cost,
+                      tensor_error, within)
 from .modelfile import ModelFile, read_model
 from .reference import intermediate_names
 from .timing import Timing, time_call
@@ -394,9 +395,22 @@ def time_candidates(candidates: list[Candidate], backends: dict[str, Backend], m
             timing["ratio_to_torch"] = timing["median_ms"] / torch_ms
 
 
+def quantization_report(mf: ModelFile, ref: ReferenceRun) -> dict | None:
+    """The quantisation cost when the file records the model its weights were converted from
+    (its `source` logits, computed in float64): the float64 reference of the stored model
+    against them, so float32 rounding noise stays out. Information about the quantisation
+    beside the verdict, never part of it. None without a record."""
+    if mf.source_logits is None:
+        return None
+    return {"weight_dtype": mf.weight_dtype, "source_weight_dtype": mf.source_weight_dtype,
+            **quantization_cost(ref.logits64, mf.source_logits, ref.keep)}
+
+
 def build_report(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
-                 tol: Tolerance, candidates: list[Candidate], backends: dict[str, Backend]) -> dict:
-    """Step 5: the JSON-able report (schemas/compare-report.schema.json) with its verdict."""
+                 tol: Tolerance, candidates: list[Candidate], backends: dict[str, Backend],
+                 quantization: dict | None = None) -> dict:
+    """Step 5: the JSON-able report (schemas/compare-report.schema.json) with its verdict;
+    `quantization`: quantization_report's, reported beside the verdict."""
     statuses = [c.report["status"] for c in candidates]
     exit_code = (EXIT_ENGINE if "error" in statuses else EXIT_FAIL if "fail" in statuses
                  else EXIT_PASS)
@@ -408,7 +422,8 @@ def build_report(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
         "model": {"path": str(model), "config": c.to_json(), "parameters": c.num_parameters,
                   "seed": mf.meta["seed"] if isinstance(mf.meta.get("seed"), int) else None,
                   "batch_size": mf.batch_size, "seq_len": mf.seq_len,
-                  "unpadded_rows": int(keep.sum()), "padded_rows": int((~keep).sum())},
+                  "unpadded_rows": int(keep.sum()), "padded_rows": int((~keep).sum()),
+                  "weight_dtype": mf.weight_dtype},
         "versions": versions({name: b.info() for name, b in backends.items()}),
         "threads": threads,
         "engine_protocol": PROTOCOL_VERSION,
@@ -419,6 +434,7 @@ def build_report(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
         "verdict": {EXIT_PASS: "pass", EXIT_FAIL: "fail", EXIT_ENGINE: "error"}[exit_code],
         "exit_code": exit_code,
         "repro": repro_command(mf, model, opts) if exit_code != EXIT_PASS else None,
+        "quantization": quantization,
     }
 
 
@@ -491,7 +507,8 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
     progress("computing metrics")
     judge(candidates, ref, tol, opts.decode, intermediate_names(mf.config.num_hidden_layers))
     time_candidates(candidates, backends, model, mf, threads, opts, request, progress)
-    report = build_report(model, mf, opts, threads, tol, candidates, backends)
+    report = build_report(model, mf, opts, threads, tol, candidates, backends,
+                          quantization_report(mf, ref))
     arrays = {"reference": ref.logits, "reference-float64": ref.logits64,
               **{c.name: c.logits for c in candidates if c.logits is not None}}
     return CompareResult(report, arrays)

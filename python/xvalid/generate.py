@@ -15,6 +15,7 @@ import numpy as np
 
 from . import __version__
 from .config import ModelConfig
+from .dtypes import DEFAULT_BLOCK_SIZE, quantization_meta, store_weights
 from .errors import ConfigError
 from .modelfile import LayerWeights, ModelFile, Weights, layer_shapes
 
@@ -149,3 +150,60 @@ def logit_statistics(logits: np.ndarray, mask: np.ndarray) -> dict:
             "max_entropy": r(np.log(rows.shape[1])), "top1_margin_min": r(margin.min()),
             "top1_margin_median": r(np.median(margin)), "logits_absmax": r(np.abs(rows).max()),
             "logits_std": r(rows.std())}
+
+
+def reference_logits(mf: ModelFile, dtype: str = "float32") -> np.ndarray:
+    """The reference's logits (B, S, V) on the file's own inputs, computed in `dtype`."""
+    from .reference import Reference
+    return Reference(mf, dtype).forward(mf.input_ids, mf.attention_mask).numpy()
+
+
+def source_logits(mf: ModelFile) -> np.ndarray:
+    """The logits a `source` record keeps: the reference computed in float64, rounded to
+    float32. Free of float32 rounding noise, so the quantisation cost measures the conversion
+    alone, and the same on every machine and thread count (a float32 forward's last bits
+    are not), so the same generate flags still write the same bytes."""
+    return reference_logits(mf, "float64").astype(np.float32)
+
+
+def record_reference(mf: ModelFile, logits: np.ndarray) -> None:
+    """meta.reference: the statistics of the reference's logits of the model in the file."""
+    mf.meta["reference"] = {"dtype": "float32", **logit_statistics(logits, mf.attention_mask)}
+
+
+def weight_dtype_flags(weight_dtype: str, block_size: int | None) -> str:
+    """The generate flags that make a file of `weight_dtype` ('' for float32)."""
+    if weight_dtype == "float32":
+        return ""
+    block = f" --quant-block {'row' if block_size is None else block_size}" * (weight_dtype == "int8")
+    return f" --weight-dtype {weight_dtype}{block}"
+
+
+def convert_weights(mf: ModelFile, weight_dtype: str,
+                    block_size: int | None = DEFAULT_BLOCK_SIZE) -> ModelFile:
+    """`mf` with its weights stored in `weight_dtype` (dtypes.store_weights), and the record
+    compare's quantisation cost needs: `source` (source_logits of the model before
+    conversion; a file that already has a source keeps it, the most original model),
+    meta.quantization, and meta.reference for the new model. Converting to float32 keeps the stored values exactly (the same model); a
+    conversion to what the file already stores returns `mf` unchanged."""
+    before = mf.weight_dtype
+    same_blocks = all(stored.block_size == (block_size or stored.shape[-1])
+                      for stored in mf.storage.values() if stored.dtype == "int8")
+    if weight_dtype == before and same_blocks:
+        return mf
+    out = store_weights(mf, weight_dtype, block_size)
+    out.meta = dict(mf.meta)
+    if weight_dtype != "float32" and out.source_logits is None:
+        out.source_logits = source_logits(mf)
+        out.source_weight_dtype = before
+    out.meta["quantization"] = quantization_meta(weight_dtype, block_size, before)
+    if weight_dtype != "float32":
+        record_reference(out, reference_logits(out))
+    generator = out.meta.get("generator")
+    if isinstance(generator, dict) and isinstance(generator.get("command"), str):
+        generator = out.meta["generator"] = dict(generator)
+        if before == "float32":  # the same generate command, with the dtype flags, makes it
+            generator["command"] += weight_dtype_flags(weight_dtype, block_size)
+        else:  # converted twice: no generate command makes this file
+            del generator["command"]
+    return out

@@ -101,3 +101,26 @@ def tensor_error(cand: np.ndarray, ref: np.ndarray, keep: np.ndarray) -> tuple[f
     diff = np.abs(c - r)
     err = float(np.inf) if not np.isfinite(c).all() else float(diff.max())
     return err, float(np.abs(r).max())
+
+
+def quantization_cost(quantized: np.ndarray, source: np.ndarray, keep: np.ndarray) -> dict:
+    """How far a model with converted (quantised) weights is from the model it came from, in
+    the manner of llama.cpp's KL-divergence report. quantized, source (B,S,V) logits of the
+    two models on the same inputs; keep (B,S) bool, the unpadded positions. In float64:
+    KL(P_source || P_quantized) per position (mean, median, 99th percentile, max); top-1
+    agreement; dp = P_quantized(t) - P_source(t) for t the source's top-1 token (mean, RMS,
+    max |dp|). This is information about the quantisation, not a kernel's verdict."""
+    q, s = quantized[keep].astype(np.float64), source[keep].astype(np.float64)  # (rows, V)
+    logp_s, logp_q = _log_softmax(s), _log_softmax(q)
+    p_s = np.exp(logp_s)
+    kl = np.maximum((p_s * (logp_s - logp_q)).sum(-1), 0.0)  # >= 0; rounding can dip below
+    top_s = np.argmax(s, -1)
+    agree = int((np.argmax(q, -1) == top_s).sum())
+    rows = np.arange(len(s))
+    dp = np.exp(logp_q[rows, top_s]) - p_s[rows, top_s]
+    return {"rows": int(len(s)),
+            "kl_mean": float(kl.mean()), "kl_median": float(np.median(kl)),
+            "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(kl.max()),
+            "top1_agree": agree, "top1_agreement": agree / len(s),
+            "dp_mean": float(dp.mean()), "dp_rms": float(np.sqrt(np.mean(dp ** 2))),
+            "dp_max_abs": float(np.abs(dp).max())}

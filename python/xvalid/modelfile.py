@@ -1,4 +1,4 @@
-"""The model file, format version 1: one JSON object with base64 tensors.
+"""The model file, format version 2: one JSON object with base64 tensors.
 
 Layout (docs/model-format.md has every key, dtype, shape and byte order):
   format, format_version        xvalid's additions; readers never require them
@@ -7,6 +7,9 @@ Layout (docs/model-format.md has every key, dtype, shape and byte order):
   inputs   {input_ids int32 (B,S), attention_mask uint8 (B,S)}
   rope     {cos float32 (max_pos, hd), sin float32 (max_pos, hd)}
   weights  {tok_embedding (V,H), final_rms (H), lm_head (V,H), layers: [{...}, ...]}
+           float32, float16 or bfloat16; the matrices also int8 (+ block_size, scales)
+  source   optional {weight_dtype, logits (B,S,V)}: the model's logits before its weights
+           were converted (the quantisation cost's baseline)
   tensor   {name, shape, dtype, encoding: "base64", data, preview}
 
 Reading validates everything against the config and names the first problem
@@ -29,24 +32,31 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .config import ModelConfig
+from .dtypes import StoredTensor, weight_dtype_of
 from .errors import ConfigError, InputError, ModelFileError, brief, cut
 from .files import atomic_write
 from .memory import check_forward_memory
 from .st_container import RawTensor, is_safetensors
 
-from .formatspec import (FORMAT_NAME, FORMAT_VERSION, MAX_JSON_DEPTH,  # noqa: F401
-                         RESERVED_DTYPES, REQUIRED_CONFIG, REQUIRED_SECTIONS,
-                         STORAGE_DTYPES_SPEC)
+from .formatspec import (FORMAT_NAME, FORMAT_VERSION, INT8, MATRIX_ONLY_DTYPES,  # noqa: F401
+                         MAX_JSON_DEPTH, RESERVED_DTYPES, REQUIRED_CONFIG, REQUIRED_SECTIONS,
+                         SOURCE, STORAGE_DTYPES_SPEC, WEIGHT_DTYPES, WEIGHT_MATRICES,
+                         WRITTEN_VERSION_PLAIN)
 
 PREVIEW_LEN = 16
 # MAX_JSON_DEPTH: arrays and objects may be nested at most this deep (the C++ loader's limit
 # too). A model file needs 6 levels; deeper text is refused before it is parsed.
 
-# Storage dtypes: the `dtype` field names how the raw little-endian bytes are laid out.
-# Version 1 computes in float32; the reserved names (RESERVED_DTYPES) let later versions add
-# other float and quantised types without changing how version-1 files are read.
+# Storage dtypes: the `dtype` field names how the raw little-endian bytes are laid out
+# (bfloat16 as its raw bits, "<u2"). The reserved names (RESERVED_DTYPES) let later versions
+# add other types without changing how today's files are read.
 STORAGE_DTYPES: dict[str, np.dtype] = {name: np.dtype(d["numpy"])
                                        for name, d in STORAGE_DTYPES_SPEC.items()}
+DTYPE_NAMES: dict[np.dtype, str] = {dt: name for name, dt in STORAGE_DTYPES.items()}
+assert len(DTYPE_NAMES) == len(STORAGE_DTYPES), "each storage dtype needs its own numpy dtype"
+# What a weights.* tensor may be stored as: vectors (the norms) every weight dtype but int8
+MATRIX_DTYPES = WEIGHT_DTYPES
+VECTOR_DTYPES = tuple(d for d in WEIGHT_DTYPES if d not in MATRIX_ONLY_DTYPES)
 
 
 @dataclass
@@ -80,6 +90,18 @@ class ModelFile:
     rope_sin: np.ndarray  # (max_pos, hd) float32
     meta: dict = field(default_factory=dict)
     source_format: str = f"{FORMAT_NAME} v{FORMAT_VERSION}"  # or "seed layout" for other writers
+    # The stored form of every weight that is not float32, keyed as named_tensors() keys
+    # them ("weights.layers[0].wq"); the float32 arrays above are their exact values.
+    storage: dict[str, StoredTensor] = field(default_factory=dict)
+    # The quantisation record: float32 (B, S, V) logits of the model before its weights were
+    # converted, on these inputs, and that model's weight dtype ("float32").
+    source_logits: np.ndarray | None = None
+    source_weight_dtype: str | None = None
+
+    @property
+    def weight_dtype(self) -> str:
+        """The weight matrices' storage dtype ("float32", "int8", ...) or "mixed"."""
+        return weight_dtype_of(self) if self.storage else "float32"
 
     @property
     def batch_size(self) -> int:
@@ -103,23 +125,34 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 # tensors
 
 
-def encode_tensor(name: str, array: np.ndarray) -> Iterator[bytes]:
+def encode_tensor(name: str, array: np.ndarray, stored: StoredTensor | None = None
+                  ) -> Iterator[bytes]:
     """A tensor object of the layout as JSON text, in chunks: raw C-order little-endian bytes,
     base64. The data chunk is written as-is (base64 needs no JSON escaping), which keeps
-    writing a 100M-parameter model to a few seconds."""
-    dtype_name = next((k for k, v in STORAGE_DTYPES.items() if v == array.dtype), None)
-    if dtype_name is None:
-        raise TypeError(f"{name}: cannot store dtype {array.dtype}")
-    array = np.ascontiguousarray(array, dtype=STORAGE_DTYPES[dtype_name])
-    head = {"name": name, "shape": list(array.shape), "dtype": dtype_name, "encoding": "base64"}
+    writing a 100M-parameter model to a few seconds. With `stored`, the stored form is
+    written (int8: with block_size and its scales tensor); the preview shows `array`, the
+    values it means."""
+    raw = stored.data if stored is not None else array
+    dtype_name = DTYPE_NAMES.get(raw.dtype)
+    if dtype_name is None or (stored is not None and stored.dtype != dtype_name):
+        raise TypeError(f"{name}: cannot store dtype {raw.dtype}")
+    raw = np.ascontiguousarray(raw, dtype=STORAGE_DTYPES[dtype_name])
+    head = {"name": name, "shape": list(raw.shape), "dtype": dtype_name, "encoding": "base64"}
     yield json.dumps(head)[:-1].encode() + b', "data": "'
-    yield base64.b64encode(array.tobytes())
-    yield b'", "preview": ' + json.dumps(array.reshape(-1)[:PREVIEW_LEN].tolist()).encode() + b"}"
+    yield base64.b64encode(raw.tobytes())
+    preview = array.reshape(-1)[:PREVIEW_LEN].tolist()
+    yield b'", "preview": ' + json.dumps(preview).encode()
+    if stored is not None and stored.scales is not None:
+        yield f', "{INT8["block_size_key"]}": {stored.block_size}, "{INT8["scales_key"]}": '.encode()
+        yield from encode_tensor(f"{name}.{INT8['scales_key']}", stored.scales)
+    yield b"}"
 
 
 def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
-                  dtype: str) -> np.ndarray:
-    """Decode and check one tensor object (or a safetensors RawTensor); every failure names `key`."""
+                  dtype: str | tuple[str, ...]) -> np.ndarray:
+    """Decode and check one tensor object (or a safetensors RawTensor); every failure names `key`.
+    `dtype`: the dtype expected there, or the dtypes allowed; the array comes back in the
+    stored numpy dtype (STORAGE_DTYPES; DTYPE_NAMES names it)."""
     if isinstance(obj, RawTensor):
         return _raw_tensor(obj, key, expected_shape, dtype)
     if not isinstance(obj, dict):
@@ -131,7 +164,7 @@ def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
     if encoding is not None and encoding != "base64":  # absent (or null) means base64
         raise ModelFileError(f"{key}: encoding expected 'base64', found {encoding!r}")
     shape = obj["shape"]
-    _check_dtype_and_shape(key, obj["dtype"], dtype, shape, expected_shape)
+    dtype = _check_dtype_and_shape(key, obj["dtype"], dtype, shape, expected_shape)
     data = obj["data"]
     if not isinstance(data, str):
         raise ModelFileError(f"{key}: data must be a base64 string, found {type(data).__name__}")
@@ -149,26 +182,81 @@ def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
     return _finite(np.frombuffer(raw, dtype=np_dtype).reshape(shape), key)
 
 
-def _check_dtype_and_shape(key: str, found_dtype: Any, dtype: str, shape: Any,
-                           expected_shape: tuple[int, ...] | None) -> None:
-    if found_dtype != dtype:
+def _dtype_list(names: tuple[str, ...]) -> str:
+    """('float32', 'float16', 'bfloat16') -> 'float32, float16 or bfloat16'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _check_dtype_and_shape(key: str, found_dtype: Any, dtype: str | tuple[str, ...], shape: Any,
+                           expected_shape: tuple[int, ...] | None) -> str:
+    """The tensor's dtype (one of `dtype`), after checking it and the shape."""
+    allowed = (dtype,) if isinstance(dtype, str) else dtype
+    if found_dtype not in allowed:
         if found_dtype in RESERVED_DTYPES:
             raise ModelFileError(f"{key}: dtype {found_dtype} is not supported yet "
-                                 f"(format version {FORMAT_VERSION} reads {dtype} here)")
-        raise ModelFileError(f"{key}: dtype expected {dtype}, found {found_dtype!r}")
+                                 f"(format version {FORMAT_VERSION} reads {_dtype_list(allowed)} here)")
+        if found_dtype in MATRIX_ONLY_DTYPES and allowed == VECTOR_DTYPES:
+            raise ModelFileError(f"{key}: dtype {found_dtype} is only allowed for 2-D weight matrices")
+        raise ModelFileError(f"{key}: dtype expected {_dtype_list(allowed)}, found {found_dtype!r}")
     if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ModelFileError(f"{key}: shape must be a list of non-negative integers, found {shape!r}")
     if expected_shape is not None and tuple(shape) != tuple(expected_shape):
         raise ModelFileError(f"{key}: shape expected {list(expected_shape)}, found {shape}")
+    return found_dtype
 
 
 def _raw_tensor(t: RawTensor, key: str, expected_shape: tuple[int, ...] | None,
-                dtype: str) -> np.ndarray:
+                dtype: str | tuple[str, ...]) -> np.ndarray:
     """A safetensors tensor (offsets and byte length checked by st_container), copied out of
     the mapped file."""
-    _check_dtype_and_shape(key, t.dtype, dtype, t.shape, expected_shape)
+    dtype = _check_dtype_and_shape(key, t.dtype, dtype, t.shape, expected_shape)
     return _finite(np.frombuffer(t.data, dtype=STORAGE_DTYPES[dtype]).reshape(t.shape).copy(), key)
+
+
+def decode_weight(obj: Any, key: str, expected_shape: tuple[int, ...],
+                  storage: dict[str, StoredTensor]) -> np.ndarray:
+    """A weights.* tensor as float32: float32 as stored; float16, bfloat16 and int8 (2-D
+    matrices only) upcast or dequantised exactly, their stored form put in storage[key].
+    Non-finite values are refused in every dtype, scales included."""
+    allowed = MATRIX_DTYPES if len(expected_shape) == 2 else VECTOR_DTYPES
+    raw = decode_tensor(obj, key, expected_shape, allowed)
+    dtype = DTYPE_NAMES[raw.dtype]
+    if dtype == "float32":
+        return raw
+    if dtype == "int8":
+        scales, block_size = _int8_parts(obj, key, expected_shape)
+        stored = StoredTensor(dtype, raw, scales, block_size)
+    else:
+        stored = StoredTensor(dtype, raw)
+    values = stored.to_float32()
+    if dtype == "bfloat16":  # float16 was checked as stored (decode_tensor)
+        _finite(values, key)
+    storage[key] = stored
+    return values
+
+
+def _int8_parts(obj: Any, key: str, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """An int8 tensor's scales (R, ceil(C / block_size)) float32 and its block size; the JSON
+    object's keys, or what st_container attached to a RawTensor (the `.scales` tensor and
+    __metadata__.quantization's block size): the same checks and messages for both."""
+    if isinstance(obj, RawTensor):
+        scales, block_size = obj.scales, obj.block_size
+    else:
+        scales, block_size = obj.get(INT8["scales_key"]), obj.get(INT8["block_size_key"])
+    if scales is None:
+        raise ModelFileError(f"{key}: int8 tensor has no '{INT8['scales_key']}'")
+    if block_size is None:
+        raise ModelFileError(f"{key}: int8 tensor has no '{INT8['block_size_key']}'")
+    rows, columns = shape
+    if not (isinstance(block_size, int) and not isinstance(block_size, bool)
+            and 1 <= block_size <= columns):
+        raise ModelFileError(f"{key}: {INT8['block_size_key']} must be an integer in "
+                             f"[1, {columns}], found {brief(block_size)}")
+    blocks = -(-columns // block_size)
+    scales = decode_tensor(scales, f"{key}.{INT8['scales_key']}", (rows, blocks),
+                           INT8["scales_dtype"])
+    return scales, block_size
 
 
 def _finite(array: np.ndarray, key: str) -> np.ndarray:
@@ -197,9 +285,15 @@ def named_tensors(mf: ModelFile) -> Iterator[tuple[str, np.ndarray]]:
             yield f"weights.layers[{index}].{f.name}", getattr(layer, f.name)
 
 
-def tensor_checksum(array: np.ndarray) -> str:
-    """sha256 of the raw bytes as stored (first 16 hex digits): equal bytes, equal checksum."""
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+def tensor_checksum(tensor: np.ndarray | StoredTensor) -> str:
+    """sha256 of the raw bytes as stored (first 16 hex digits): equal bytes, equal checksum.
+    A stored tensor: its values' bytes, then its scales' (int8)."""
+    digest = hashlib.sha256()
+    arrays = ([tensor.data] + ([tensor.scales] if tensor.scales is not None else [])
+              if isinstance(tensor, StoredTensor) else [tensor])
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,15 +341,21 @@ def _read_config(doc: dict) -> ModelConfig:
     return cfg
 
 
-def _read_weights(section: dict, cfg: ModelConfig) -> Weights:
+def _read_weights(section: dict, cfg: ModelConfig) -> tuple[Weights, dict[str, StoredTensor]]:
+    """The weights as float32 and the stored form of those that are not (decode_weight)."""
     H, V = cfg.hidden_size, cfg.vocab_size
-    tok_embedding = decode_tensor(_require(section, "tok_embedding", "weights."),
-                                  "weights.tok_embedding", (V, H), "float32")
-    final_rms = decode_tensor(_require(section, "final_rms", "weights."), "weights.final_rms",
-                              (H,), "float32")
+    storage: dict[str, StoredTensor] = {}
+    tok_embedding = decode_weight(_require(section, "tok_embedding", "weights."),
+                                  "weights.tok_embedding", (V, H), storage)
+    final_rms = decode_weight(_require(section, "final_rms", "weights."), "weights.final_rms",
+                              (H,), storage)
     # The head is tied; a writer that omits lm_head means "same as the embedding".
-    lm_head = (decode_tensor(section["lm_head"], "weights.lm_head", (V, H), "float32")
-               if section.get("lm_head") is not None else tok_embedding)
+    if section.get("lm_head") is not None:
+        lm_head = decode_weight(section["lm_head"], "weights.lm_head", (V, H), storage)
+    else:
+        lm_head = tok_embedding
+        if "weights.tok_embedding" in storage:
+            storage["weights.lm_head"] = storage["weights.tok_embedding"]
     layers = _require(section, "layers", "weights.")
     if not isinstance(layers, list):
         raise ModelFileError(f"weights.layers: expected a list, found {type(layers).__name__}")
@@ -269,10 +369,25 @@ def _read_weights(section: dict, cfg: ModelConfig) -> Weights:
         if not isinstance(layer, dict):
             raise ModelFileError(f"{prefix}: expected an object, found {type(layer).__name__}")
         decoded.append(LayerWeights(**{
-            name: decode_tensor(_require(layer, name, f"{prefix}."), f"{prefix}.{name}", shape,
-                                "float32")
+            name: decode_weight(_require(layer, name, f"{prefix}."), f"{prefix}.{name}", shape,
+                                storage)
             for name, shape in shapes.items()}))
-    return Weights(tok_embedding, final_rms, lm_head, decoded)
+    return Weights(tok_embedding, final_rms, lm_head, decoded), storage
+
+
+def _read_source(doc: dict, shape: tuple[int, int, int]) -> tuple[np.ndarray, str] | tuple[None, None]:
+    """The optional quantisation record: (logits (B, S, V) float32, weight_dtype)."""
+    key = SOURCE["key"]
+    if doc.get(key) is None:
+        return None, None
+    section = _section(doc, key)
+    weight_dtype = _require(section, "weight_dtype", f"{key}.")
+    if not isinstance(weight_dtype, str):
+        raise ModelFileError(f"{key}.weight_dtype: expected a string, found {brief(weight_dtype)}")
+    name = SOURCE["logits_key"]
+    logits = decode_tensor(_require(section, name, f"{key}."), f"{key}.{name}", shape,
+                           SOURCE["logits_dtype"])
+    return logits, weight_dtype
 
 
 def _read_inputs(section: dict, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -331,12 +446,14 @@ def parse_model(doc: Any) -> ModelFile:
     cos = decode_tensor(_require(rope, "cos", "rope."), "rope.cos", table, "float32")
     sin = decode_tensor(_require(rope, "sin", "rope."), "rope.sin", table, "float32")
     ids, mask = _read_inputs(_section(doc, "inputs"), cfg)
-    weights = _read_weights(_section(doc, "weights"), cfg)
+    weights, storage = _read_weights(_section(doc, "weights"), cfg)
     check_forward_memory(cfg, *ids.shape, intermediates=False)
+    source_logits, source_weight_dtype = _read_source(doc, (*ids.shape, cfg.vocab_size))
     meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
     source = (f"{doc['format']} v{version}" if isinstance(doc.get("format"), str)
               else "seed layout")
-    return ModelFile(cfg, weights, ids, mask, cos, sin, dict(meta), source[:60])
+    return ModelFile(cfg, weights, ids, mask, cos, sin, dict(meta), source[:60], storage,
+                     source_logits, source_weight_dtype)
 
 
 _BRACKETS = re.compile(rb"[][{}]")
@@ -501,10 +618,21 @@ def read_model(path: str | os.PathLike) -> ModelFile:
 
 
 class _Leaf:
-    """A tensor in a document being written: name and array."""
+    """A tensor in a document being written: name, array (the float32 values for a weight)
+    and, for a weight stored in another dtype, its stored form."""
 
-    def __init__(self, name: str, array: np.ndarray):
-        self.name, self.array = name, array
+    def __init__(self, name: str, array: np.ndarray, stored: StoredTensor | None = None):
+        self.name, self.array, self.stored = name, array, stored
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.nbytes if self.stored is not None else self.array.nbytes
+
+
+def written_version(mf: ModelFile) -> int:
+    """The format version a file of `mf` declares: the plain version when every tensor is
+    float32/int32/uint8 (older readers read it), else the current one."""
+    return FORMAT_VERSION if mf.storage else WRITTEN_VERSION_PLAIN
 
 
 def _document(mf: ModelFile) -> dict:
@@ -512,23 +640,32 @@ def _document(mf: ModelFile) -> dict:
     w = mf.weights
     meta = {"seed": None, "B": mf.batch_size, "S": mf.seq_len, "head_dim": mf.config.head_dim}
     meta.update(mf.meta)
+
+    def weight(name: str, key: str, array: np.ndarray) -> _Leaf:
+        return _Leaf(name, array, mf.storage.get(key))
+
     layers = []
     for index, layer in enumerate(w.layers):
-        layers.append({f.name: _Leaf(f"layer{index}_{f.name}", getattr(layer, f.name))
+        layers.append({f.name: weight(f"layer{index}_{f.name}", f"weights.layers[{index}].{f.name}",
+                                      getattr(layer, f.name))
                        for f in fields(LayerWeights)})
-    return {
+    doc = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": written_version(mf),
         "meta": meta,
         "config": mf.config.to_json(),
         "inputs": {"input_ids": _Leaf("input_ids", mf.input_ids),
                    "attention_mask": _Leaf("attention_mask", mf.attention_mask)},
         "rope": {"cos": _Leaf("rope_cos", mf.rope_cos), "sin": _Leaf("rope_sin", mf.rope_sin)},
-        "weights": {"tok_embedding": _Leaf("tok_embedding", w.tok_embedding),
-                    "final_rms": _Leaf("final_rms", w.final_rms),
-                    "lm_head": _Leaf("lm_head", w.lm_head),
+        "weights": {"tok_embedding": weight("tok_embedding", "weights.tok_embedding", w.tok_embedding),
+                    "final_rms": weight("final_rms", "weights.final_rms", w.final_rms),
+                    "lm_head": weight("lm_head", "weights.lm_head", w.lm_head),
                     "layers": layers},
     }
+    if mf.source_logits is not None:
+        doc[SOURCE["key"]] = {"weight_dtype": mf.source_weight_dtype,
+                              SOURCE["logits_key"]: _Leaf("source_logits", mf.source_logits)}
+    return doc
 
 
 def _leaves(obj: Any) -> Iterator[_Leaf]:
@@ -546,7 +683,7 @@ def _serialize(obj: Any, out: Callable[[bytes], None], on_leaf: Callable[[_Leaf]
     """Stream JSON: tensors are encoded one at a time, so memory stays at one tensor's text."""
     if isinstance(obj, _Leaf):
         out(b"\n")
-        for chunk in encode_tensor(obj.name, obj.array):
+        for chunk in encode_tensor(obj.name, obj.array, obj.stored):
             out(chunk)
         on_leaf(obj)
     elif isinstance(obj, dict):
@@ -573,20 +710,34 @@ def write_model(mf: ModelFile, path: str | os.PathLike, progress: bool = True,
         return write_model_safetensors(mf, path)
     from .progress import byte_progress
     doc = _document(mf)
-    total = sum(leaf.array.nbytes for leaf in _leaves(doc))
+    total = sum(leaf.nbytes for leaf in _leaves(doc))
     with byte_progress("writing " + Path(path).name, total, enabled=progress) as advance:
         def write(fp):
-            _serialize(doc, fp.write, lambda leaf: advance(leaf.array.nbytes))
+            _serialize(doc, fp.write, lambda leaf: advance(leaf.nbytes))
             fp.write(b"\n")
         atomic_write(path, write, binary=True)
 
 
 def write_model_safetensors(mf: ModelFile, path: str | os.PathLike) -> None:
     """The safetensors container (st_container): every tensor under its message key, config
-    and meta as JSON text in the header's __metadata__."""
+    and meta as JSON text in the header's __metadata__; int8 scales as the tensor
+    "<key>.scales" and block sizes in __metadata__.quantization; the quantisation record as
+    the tensor "source.logits" and __metadata__.source."""
     from .st_container import write_safetensors
     doc = _document(mf)
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+    metadata = {"format": FORMAT_NAME, "format_version": str(doc["format_version"]),
                 "config": json.dumps(doc["config"], allow_nan=False),
                 "meta": json.dumps(doc["meta"], allow_nan=False)}
-    write_safetensors(list(named_tensors(mf)), metadata, path)
+    tensors, blocks = [], {}
+    for key, array in named_tensors(mf):
+        stored = mf.storage.get(key)
+        tensors.append((key, array if stored is None else stored.data))
+        if stored is not None and stored.scales is not None:
+            tensors.append((key + INT8["safetensors_scales_suffix"], stored.scales))
+            blocks[key] = {INT8["block_size_key"]: stored.block_size}
+    if blocks:
+        metadata[INT8["safetensors_metadata"]] = json.dumps(blocks)
+    if mf.source_logits is not None:
+        tensors.append((SOURCE["safetensors_logits"], mf.source_logits))
+        metadata[SOURCE["key"]] = json.dumps({"weight_dtype": mf.source_weight_dtype})
+    write_safetensors(tensors, metadata, path)

@@ -63,7 +63,7 @@ def _reference_line(stats: dict) -> str:
             f"over {stats['rows']} unpadded rows")
 
 
-def source_line(source: dict) -> str:
+def import_source_line(source: dict) -> str:
     """Where `xvalid import` took the weights from (meta.source): the checkpoint, its
     architecture, head, stored dtypes, and every config default it had to use."""
     dtypes = ", ".join(f"{count} {dtype}" for dtype, count in source.get("dtypes", {}).items())
@@ -77,12 +77,45 @@ def source_line(source: dict) -> str:
     return line
 
 
+def weights_line(mf: ModelFile) -> str:
+    """'int8 (q8_0, block 32): 98,304 B int8 + 12,288 B scales, 1,024 B float32; 22% of float32'
+    from the tensors as stored."""
+    by_dtype: dict[str, int] = {}
+    scales = float32 = 0
+    for key, array in named_tensors(mf):
+        if not key.startswith("weights."):
+            continue
+        float32 += array.nbytes
+        stored = mf.storage.get(key)
+        dtype = stored.dtype if stored is not None else "float32"
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + (stored.data.nbytes if stored else array.nbytes)
+        if stored is not None and stored.scales is not None:
+            scales += stored.scales.nbytes
+    parts = [f"{nbytes:,} B {dtype}" for dtype, nbytes in by_dtype.items()]
+    if scales:
+        parts.insert(1, f"{scales:,} B int8 scales")
+    total = sum(by_dtype.values()) + scales
+    blocks = sorted({s.block_size for s in mf.storage.values() if s.block_size is not None})
+    scheme = f" (block {', '.join(map(str, blocks))})" if blocks else ""
+    return (f"{mf.weight_dtype}{scheme}: {', '.join(parts)}; {total:,} B in all, "
+            f"{100 * total / max(float32, 1):.0f}% of float32")
+
+
+def source_line(mf: ModelFile) -> str | None:
+    """The quantisation record, when the file has one."""
+    if mf.source_logits is None:
+        return None
+    return (f"logits of the {mf.source_weight_dtype} model before its weights were converted "
+            f"(compare reports the quantisation cost)")
+
+
 def print_generate_summary(mf: ModelFile, path: Path, seconds: float) -> None:
     console.print(f"wrote {path} ({_size(path.stat().st_size)}) in {seconds:.2f} s")
     source = mf.meta.get("source")
     if isinstance(source, dict) and source.get("tool") == "xvalid import":
-        console.print(f"  source   {source_line(source)}", markup=False)
+        console.print(f"  source   {import_source_line(source)}", markup=False)
     console.print(f"  config   {config_line(mf)}")
+    console.print(f"  weights  {weights_line(mf)}", markup=False)
     console.print(f"  inputs   B={mf.batch_size} S={mf.seq_len}, padding: "
                   f"{padding_summary(mf.attention_mask)}")
     if "reference" in mf.meta:
@@ -108,16 +141,30 @@ def print_inspect(mf: ModelFile, path: Path, show_tensors: bool = True) -> None:
                   f"{padding_summary(mf.attention_mask)}")
     if "reference" in mf.meta:
         console.print(f"reference: {reference_line(mf.meta['reference'])}")
+    console.print(f"weights: {weights_line(mf)}", markup=False)
+    if source_line(mf):
+        console.print(f"source: {source_line(mf)}", markup=False)
     if not show_tensors:
         return
-    table = Table(title="tensors", title_justify="left")
+    table = Table(title="tensors (preview: the values a stored tensor means, as float32)",
+                  title_justify="left")
     for column in ("key", "shape", "dtype", "bytes", "preview", "sha256[:16]"):
         table.add_column(column, justify="right" if column == "bytes" else "left")
     total = 0
     for key, array in named_tensors(mf):
-        total += array.nbytes
-        table.add_row(key, str(list(array.shape)), str(array.dtype), f"{array.nbytes:,}",
-                      _preview(array), tensor_checksum(array))
+        stored = mf.storage.get(key)
+        nbytes = stored.nbytes if stored is not None else array.nbytes
+        total += nbytes
+        dtype = str(array.dtype) if stored is None else stored.dtype
+        if stored is not None and stored.block_size is not None:
+            dtype += f" (block {stored.block_size})"
+        table.add_row(key, str(list(array.shape)), dtype, f"{nbytes:,}", _preview(array),
+                      tensor_checksum(stored if stored is not None else array))
+    if mf.source_logits is not None:
+        total += mf.source_logits.nbytes
+        table.add_row("source.logits", str(list(mf.source_logits.shape)),
+                      str(mf.source_logits.dtype), f"{mf.source_logits.nbytes:,}",
+                      _preview(mf.source_logits), tensor_checksum(mf.source_logits))
     console.print(table)
     console.print(f"{total:,} bytes of tensor data ({_size(total)})")
 
@@ -311,6 +358,18 @@ def print_compare(report: dict, out: Console = console) -> None:
         if note:
             out.print(f"  [yellow]{note}[/]")
         out.print(f"reproduce: {report['repro']}")
+    if report.get("quantization"):
+        out.print(quantization_line(report["quantization"]), markup=False)
+
+
+def quantization_line(q: dict) -> str:
+    """The quantisation cost in one line (llama.cpp's KLD report's numbers)."""
+    return (f"quantisation cost ({q['weight_dtype']} weights vs the {q['source_weight_dtype']} "
+            f"model they came from, over {_plural(q['rows'], 'position')}; not part of the "
+            f"verdict): KL mean {_g(q['kl_mean'])}, median {_g(q['kl_median'])}, p99 "
+            f"{_g(q['kl_p99'])}, max {_g(q['kl_max'])} nats; top-1 same {q['top1_agree']}/"
+            f"{q['rows']} ({100 * q['top1_agreement']:.1f}%); dp RMS {100 * q['dp_rms']:.3g}%, "
+            f"max {100 * q['dp_max_abs']:.3g}%")
 
 
 def print_decode(cand: dict, out: Console = console) -> None:

@@ -3,12 +3,16 @@ container"): the same model as the JSON container, in one `.safetensors` file.
 
     8 bytes        N, the header's length, unsigned little-endian
     N bytes        the header: JSON {"<tensor key>": {"dtype", "shape", "data_offsets": [b, e]},
-                   ..., "__metadata__": {"format", "format_version", "config", "meta"}}
-                   (metadata values are strings; config and meta are JSON text)
+                   ..., "__metadata__": {"format", "format_version", "config", "meta",
+                   "quantization", "source"}} (metadata values are strings; config, meta,
+                   quantization and source are JSON text)
     the rest       the tensors' raw little-endian bytes, C order, at [b, e) of this buffer
 
 Tensor keys are the JSON container's message keys ("rope.cos", "weights.layers[1].wk"), so
-both containers name a problem the same way. Reading turns the header into the JSON
+both containers name a problem the same way. An int8 tensor's scales are the tensor
+"<key>.scales", its block size __metadata__.quantization's {"<key>": {"block_size": n}};
+the quantisation record is the tensor "source.logits" and __metadata__.source
+{"weight_dtype": ...}. Reading turns the header into the JSON
 container's document, tensors as RawTensor, and modelfile.parse_model checks it all: the two
 containers share every check after this module's own (header bounds, offsets, overlaps).
 """
@@ -27,13 +31,13 @@ import numpy as np
 
 from .errors import ModelFileError, brief, cut
 from .files import atomic_write
-from .formatspec import (FORMAT_NAME, FORMAT_VERSION, MAX_DIM, MAX_SAFETENSORS_HEADER_BYTES,
-                         MAX_JSON_DEPTH, RESERVED_DTYPES, STORAGE_DTYPES_SPEC)
+from .formatspec import (FORMAT_NAME, FORMAT_VERSION, INT8, MAX_DIM, MAX_JSON_DEPTH,
+                         MAX_SAFETENSORS_HEADER_BYTES, RESERVED_DTYPES, SOURCE,
+                         STORAGE_DTYPES_SPEC)
 
 # safetensors dtype name -> the format's dtype name (storage dtypes and reserved ones)
 ST_TO_DTYPE = {d["safetensors"]: name for name, d in STORAGE_DTYPES_SPEC.items()}
-ST_TO_DTYPE.update({"F16": "float16", "BF16": "bfloat16", "I8": "int8",
-                    "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2"})
+ST_TO_DTYPE.update({"F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2"})
 assert set(ST_TO_DTYPE.values()) <= set(STORAGE_DTYPES_SPEC) | set(RESERVED_DTYPES)
 DTYPE_TO_ST = {name: d["safetensors"] for name, d in STORAGE_DTYPES_SPEC.items()}
 _LAYER_KEY = re.compile(r"weights\.layers\[(\d+)\]\.(\w+)")
@@ -41,10 +45,14 @@ _LAYER_KEY = re.compile(r"weights\.layers\[(\d+)\]\.(\w+)")
 
 class RawTensor:
     """A tensor of the safetensors container: dtype (the format's name, or the safetensors
-    name when it has none), shape, and its bytes (a view of the file)."""
+    name when it has none), shape, and its bytes (a view of the file). An int8 tensor also
+    gets its scales (the RawTensor "<key>.scales", None if the file has none) and its block
+    size from __metadata__.quantization (None if it has none), which modelfile checks."""
 
     def __init__(self, dtype: str, shape: list, data: memoryview):
         self.dtype, self.shape, self.data = dtype, shape, data
+        self.scales: RawTensor | None = None
+        self.block_size: Any = None
 
 
 def is_safetensors(head: bytes) -> bool:
@@ -149,6 +157,13 @@ def document(buffer: memoryview) -> dict:
         doc["format_version"] = int(version)
     doc["config"] = _metadata_json(metadata, "config", required=True)
     doc["meta"] = _metadata_json(metadata, "meta", required=False) or {}
+    _attach_quantization(tensors, metadata)
+    source = _metadata_json(metadata, SOURCE["key"], required=False)
+    if source is not None:
+        if not isinstance(source, dict):
+            raise ModelFileError(f"__metadata__.{SOURCE['key']}: expected an object, found "
+                                 f"{brief(source)}")
+        doc[SOURCE["key"]] = dict(source)
     layers: dict[int, dict] = {}
     for key, tensor in tensors.items():
         match = _LAYER_KEY.fullmatch(key)
@@ -156,7 +171,7 @@ def document(buffer: memoryview) -> dict:
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
         elif key.count(".") == 1:
             section, name = key.split(".")
-            if section in ("inputs", "rope", "weights"):
+            if section in ("inputs", "rope", "weights", SOURCE["key"]):
                 doc.setdefault(section, {})[name] = tensor
     if layers:
         count = max(layers) + 1
@@ -166,6 +181,29 @@ def document(buffer: memoryview) -> dict:
     elif "weights" in doc:
         doc["weights"]["layers"] = []
     return doc
+
+
+def _attach_quantization(tensors: dict[str, RawTensor], metadata: dict) -> None:
+    """Give every int8 tensor its "<key>.scales" tensor and its block size from
+    __metadata__.quantization (absent ones stay None: modelfile names what is missing).
+    A scales tensor belongs to its tensor, whatever that tensor's dtype: it is no stray data."""
+    name = INT8["safetensors_metadata"]
+    blocks = _metadata_json(metadata, name, required=False)
+    if blocks is None:
+        blocks = {}
+    if not isinstance(blocks, dict):
+        raise ModelFileError(f"__metadata__.{name}: expected an object, found {brief(blocks)}")
+    suffix = INT8["safetensors_scales_suffix"]
+    for key, tensor in tensors.items():
+        if tensor.dtype != "int8":
+            continue
+        tensor.scales = tensors.get(key + suffix)
+        entry = blocks.get(key)
+        if entry is not None:
+            if not isinstance(entry, dict):
+                raise ModelFileError(f"__metadata__.{name}: {cut(key)}: expected an object "
+                                     f"{{\"{INT8['block_size_key']}\": n}}, found {brief(entry)}")
+            tensor.block_size = entry.get(INT8["block_size_key"])
 
 
 def write_safetensors(named: list[tuple[str, np.ndarray]], metadata: dict[str, str],
