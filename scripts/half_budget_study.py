@@ -3,23 +3,23 @@
 units of PyTorch's own error: the measurements behind compare's bfloat16 and float16 budgets
 (metrics.POLICIES, docs/engines.md "Half-precision compute").
 
-For every model (seeded random weights, a tiny and a minimind2-small-shaped config) and
-compute dtype, with float64 torch as the exact answer and "error" = max |x - float64| over
-unpadded rows:
+For every model (seeded random weights, tiny shapes and a minimind2-small-shaped config) and
+compute dtype, with float64 torch as the exact answer, each column is a pair of ratios,
+max abs error / PyTorch's max abs error and RMSE / PyTorch's RMSE, over unpadded rows:
 
     torch     PyTorch's own error in the dtype (reference.py, as HF transformers computes):
-              the unit every other column is measured in, i.e. the budget's noise
+              the unit of every other column (printed as values, not ratios)
     numpy     the numpy test engine in the dtype (float32 accumulation, its own op order):
-              a correct engine, must stay under the factor
+              a correct engine, must stay under both factors
     hf        HF transformers' LlamaForCausalLM in the dtype (when installed): another correct one
-    decode    torch's KV-cache decode (prefill S-4, 4 one-token steps) vs the full forward
+    decode    torch's KV-cache decode (prefill S-4, then 4 one-token steps), each step against
+              the full forward's error (max: over all positions, RMSE: at that position)
+    inter     the numpy engine's intermediates, worst ratio over all of them
     bad       the numpy engine accumulating every dot product in the dtype (--bug
-              half-accumulate): one rounding step worse, must land over the factor
-    inter     the largest ratio over all intermediates of numpy's error to torch's there
-              (the per-intermediate budgets use the same factor)
+              half-accumulate): one rounding step worse, must land over a factor
 
-    python scripts/half_budget_study.py                   # tiny shapes, 6 seeds, ~1 min
-    python scripts/half_budget_study.py --minimind 2      # + 2 minimind2-small-shaped models
+    python scripts/half_budget_study.py                     # tiny shapes, 6 seeds, ~1 min
+    python scripts/half_budget_study.py --seeds 10 --minimind 2
 """
 
 from __future__ import annotations
@@ -53,6 +53,19 @@ def max_err(a, exact, keep) -> float:
     return float(np.abs(np.asarray(a, np.float64) - exact)[keep].max())
 
 
+def rmse(a, exact, keep) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - exact)[keep] ** 2)))
+
+
+def ratios(a, torch_result, exact, keep) -> tuple[float, float]:
+    """(max error, RMSE) of a, each over PyTorch's (0/0 counts as 1: both exact)."""
+    out = []
+    for norm in (max_err, rmse):
+        mine, theirs = norm(a, exact, keep), norm(torch_result, exact, keep)
+        out.append(mine / theirs if theirs > 0 else (1.0 if mine == 0 else float("inf")))
+    return out[0], out[1]
+
+
 def hf_logits(mf, dtype: str):
     """LlamaForCausalLM in `dtype` on the file's inputs, or None without transformers."""
     try:
@@ -73,25 +86,32 @@ def study(name: str, mf, path: Path, dtypes: list[str], with_hf: bool) -> list[d
     keep = mf.attention_mask.astype(bool)
     exact, exact_inter = TorchBackend(mf, "float64").forward(mf.input_ids, mf.attention_mask,
                                                              capture=True)
+    S, N = mf.seq_len, 4
     rows = []
     for dtype in dtypes:
         torch_half = TorchBackend(mf, dtype)
         logits, inter = torch_half.forward(mf.input_ids, mf.attention_mask, capture=True)
-        noise = max_err(logits, exact, keep)
         numpy_logits, numpy_inter = run_model(path, dtype)
         bad, _ = run_model(path, dtype, bug="half-accumulate", intermediates=False)
-        S = mf.seq_len
-        decoded = torch_half.decode(mf.input_ids, mf.attention_mask, S - 4)
-        decode_err = max_err(decoded, exact[:, S - 4:], keep[:, S - 4:])
-        inter_ratio = max(max_err(numpy_inter[k], exact_inter[k], keep) /
-                          max(max_err(inter[k], exact_inter[k], keep), 1e-30) for k in inter)
+        decoded = torch_half.decode(mf.input_ids, mf.attention_mask, S - N)
+        decode_max = max_err(decoded, exact[:, S - N:], keep[:, S - N:]) / max_err(logits, exact, keep)
+        decode_rmse = max(rmse(decoded[:, i], exact[:, p], keep[:, p]) /
+                          rmse(logits[:, p], exact[:, p], keep[:, p])
+                          for i, p in enumerate(range(S - N, S)) if keep[:, p].any())
+        inter_ratios = [ratios(numpy_inter[k], inter[k], exact_inter[k], keep) for k in inter]
         hf = hf_logits(mf, dtype) if with_hf else None
         rows.append({"model": name, "dtype": dtype, "absmax": float(np.abs(exact[keep]).max()),
-                     "torch": noise, "numpy": max_err(numpy_logits, exact, keep) / noise,
-                     "hf": None if hf is None else max_err(hf, exact, keep) / noise,
-                     "decode": decode_err / noise, "bad": max_err(bad, exact, keep) / noise,
-                     "inter": inter_ratio})
+                     "torch": (max_err(logits, exact, keep), rmse(logits, exact, keep)),
+                     "numpy": ratios(numpy_logits, logits, exact, keep),
+                     "hf": None if hf is None else ratios(hf, logits, exact, keep),
+                     "decode": (decode_max, decode_rmse),
+                     "inter": tuple(max(r[i] for r in inter_ratios) for i in (0, 1)),
+                     "bad": ratios(bad, logits, exact, keep)})
     return rows
+
+
+def pair(value) -> str:
+    return "      -    " if value is None else f"{value[0]:5.2f}/{value[1]:5.2f}"
 
 
 def main() -> None:
@@ -107,9 +127,9 @@ def main() -> None:
     models += [(f"minimind2-small/s{seed}", PRESETS["minimind2-small"], 2, 12, 1, seed)
                for seed in range(args.minimind)]
     rows = []
-    header = f"{'model':24} {'dtype':9} {'|logits|':>8} {'torch err':>9} {'numpy':>6} " \
-             f"{'hf':>6} {'decode':>6} {'bad':>6} {'inter':>6}   (ratios to torch err)"
-    print(header)
+    columns = ("numpy", "hf", "decode", "inter", "bad")
+    print(f"{'model':24} {'dtype':9} {'|logits|':>8} {'torch max/RMSE':>17}  " +
+          "  ".join(f"{c:>11}" for c in columns) + "   (max/RMSE ratios to torch's)")
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg, b, s, pad, seed in models:
             mf = generate_model(cfg, batch_size=b, seq_len=s, seed=seed, pad=pad)
@@ -117,21 +137,19 @@ def main() -> None:
             write_model(mf, path, progress=False)
             for r in study(name, mf, path, dtypes, not args.no_hf):
                 rows.append(r)
-                hf = "-" if r["hf"] is None else f"{r['hf']:.2f}"
-                print(f"{r['model']:24} {r['dtype']:9} {r['absmax']:8.3f} {r['torch']:9.2e} "
-                      f"{r['numpy']:6.2f} {hf:>6} {r['decode']:6.2f} {r['bad']:6.2f} "
-                      f"{r['inter']:6.2f}", flush=True)
-    print("\nper dtype: torch error range; worst correct ratio (numpy, hf, decode, inter); "
-          "smallest bad ratio")
+                print(f"{r['model']:24} {r['dtype']:9} {r['absmax']:8.3f} "
+                      f"{r['torch'][0]:8.2e}/{r['torch'][1]:8.2e}  " +
+                      "  ".join(pair(r[c]) for c in columns), flush=True)
+    print("\nper dtype (max / RMSE ratios): worst correct (numpy, hf, decode, inter); "
+          "smallest one step worse (bad)")
     for dtype in dtypes:
         sel = [r for r in rows if r["dtype"] == dtype]
-        good = max(max(r[k] for k in ("numpy", "decode", "inter") if r[k] is not None)
-                   for r in sel)
-        hf = [r["hf"] for r in sel if r["hf"] is not None]
-        print(f"{dtype:9} torch err {min(r['torch'] for r in sel):.2e} .. "
-              f"{max(r['torch'] for r in sel):.2e}; worst correct {max([good, *hf]):.2f} "
-              f"(hf {max(hf) if hf else float('nan'):.2f}); smallest bad "
-              f"{min(r['bad'] for r in sel):.2f}")
+        worst = [max(r[c][i] for r in sel for c in columns[:-1] if r[c] is not None)
+                 for i in (0, 1)]
+        best_bad = [min(r["bad"][i] for r in sel) for i in (0, 1)]
+        print(f"{dtype:9} torch max error {min(r['torch'][0] for r in sel):.2e} .. "
+              f"{max(r['torch'][0] for r in sel):.2e}; worst correct {worst[0]:.2f} / "
+              f"{worst[1]:.2f}; smallest bad {best_bad[0]:.2f} / {best_bad[1]:.2f}")
 
 
 if __name__ == "__main__":
