@@ -94,7 +94,8 @@ def study(name: str, mf, path: Path, dtypes: list[str], with_hf: bool) -> list[d
         numpy_logits, numpy_inter = run_model(path, dtype)
         bad, _ = run_model(path, dtype, bug="half-accumulate", intermediates=False)
         decoded = torch_half.decode(mf.input_ids, mf.attention_mask, S - N)
-        decode_max = max_err(decoded, exact[:, S - N:], keep[:, S - N:]) / max_err(logits, exact, keep)
+        decode_max = (max_err(decoded, exact[:, S - N:], keep[:, S - N:])
+                      / max_err(logits, exact, keep))
         decode_rmse = max(rmse(decoded[:, i], exact[:, p], keep[:, p]) /
                           rmse(logits[:, p], exact[:, p], keep[:, p])
                           for i, p in enumerate(range(S - N, S)) if keep[:, p].any())

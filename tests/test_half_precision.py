@@ -153,15 +153,20 @@ def test_every_classic_bug_is_still_caught_at_the_bfloat16_budget(cli, tmp_path,
 
 def test_acceptance_correct_engine_passes_and_broken_one_fails(tmp_path, bug_model):
     """`xvalid compare m.json --backends torch --engine '... {model} {out}' --dtype bfloat16`,
-    as a user runs it; the report states the budget's source."""
-    base = ["compare", bug_model, "--backends", "torch", "--repeat", 1, "--dtype", "bfloat16"]
-    good = run_xvalid(*base, "--engine", f"{NUMPY} {{model}} {{out}} --dtype bfloat16")
-    assert good.returncode == 0, good.stdout + good.stderr
-    assert "4 x PyTorch bfloat16 error vs float64" in good.stdout and "PASS" in good.stdout
-    bad = run_xvalid(*base, "--engine",
-                     f"{NUMPY} {{model}} {{out}} --dtype bfloat16 --bug half-accumulate")
-    assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "verdict: FAIL" in bad.stdout and "1.5 x PyTorch bfloat16 RMSE vs float64" in bad.stdout
+    as a user runs it (one process, both engines): the correct one passes, the one a rounding
+    step worse fails, and the report states the budget's source."""
+    engine = f"{NUMPY} {{model}} {{out}} --dtype bfloat16"
+    report = tmp_path / "r.json"
+    proc = run_xvalid("compare", bug_model, "--backends", "torch", "--repeat", 1, "--json", report,
+                      "--engine", f"good={engine}",
+                      "--engine", f"broken={engine} --bug half-accumulate", "--dtype", "bfloat16")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    statuses = {c["name"]: c["status"] for c in json.loads(report.read_text())["candidates"]}
+    assert statuses == {"torch": "pass", "good": "pass", "broken": "fail"}
+    assert "atol" in proc.stdout and "(4 x PyTorch bfloat16 error vs float64 (" in proc.stdout
+    assert "verdict: FAIL (broken)" in proc.stdout
+    assert "broken: logits RMSE" in proc.stdout and "(1.5 x PyTorch bfloat16 RMSE vs float64" \
+        in proc.stdout
 
 
 # ---- what each candidate computes in -------------------------------------------------------------

@@ -113,7 +113,9 @@ def round_bfloat16(x):
 
 
 def round_float16(x):
-    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+    """float32 array -> the nearest float16 values, still as float32 (past 65504: inf)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
 
 
 class Arithmetic:
