@@ -99,7 +99,7 @@ def intermediate_budgets(ref: "ReferenceRun", policy: TolerancePolicy) -> dict:
     return budgets
 
 
-def divergence(cand: dict, ref32: dict, budgets: dict, keep: np.ndarray, names: list[str]) -> dict:
+def divergence(cand: dict, target: dict, budgets: dict, keep: np.ndarray, names: list[str]) -> dict:
     """Per intermediate: error vs the judged reference (float32; float64 for a half dtype) and
     its budget (and RMSE budget, half dtypes); the first over budget.
     Also what was not compared: how many of the expected points exist, the layers with none,
@@ -107,19 +107,19 @@ def divergence(cand: dict, ref32: dict, budgets: dict, keep: np.ndarray, names: 
     be there: the first divergence is the first among the points compared)."""
     points, first, missing_before = [], None, []
     for name in names:
-        if name not in ref32:
+        if name not in target:
             continue
         if name not in cand:
             if first is None:
                 missing_before.append(name)
             continue
         layer, point = split_name(name)
-        error, _ = tensor_error(cand[name], ref32[name], keep)
+        error, _ = tensor_error(cand[name], target[name], keep)
         scale, noise, budget, rmse_budget = budgets[name]
         row = {"name": name, "layer": layer, "point": point, "error": error, "scale": scale,
                "noise": noise, "budget": budget, "diverged": bool(not error <= budget)}
         if rmse_budget is not None:
-            row.update(rmse=tensor_rmse(cand[name], ref32[name], keep), rmse_budget=rmse_budget)
+            row.update(rmse=tensor_rmse(cand[name], target[name], keep), rmse_budget=rmse_budget)
             row["diverged"] = row["diverged"] or not row["rmse"] <= rmse_budget
         points.append(row)
         if row["diverged"] and first is None:
@@ -127,7 +127,7 @@ def divergence(cand: dict, ref32: dict, budgets: dict, keep: np.ndarray, names: 
     layers = sorted({split_name(name)[0] for name in names if split_name(name)[0] is not None})
     with_points = {p["layer"] for p in points}
     return {"points": points, "first": first, "compared": len(points),
-            "expected": sum(1 for name in names if name in ref32),
+            "expected": sum(1 for name in names if name in target),
             "layers_without_points": [layer for layer in layers if layer not in with_points],
             "not_compared_before_first": missing_before if first is not None else []}
 

@@ -222,8 +222,9 @@ def unchecked_line(report: dict) -> str | None:
 def tolerance_line(tol: dict) -> str:
     """The budget and where it comes from, in the compute dtype."""
     if tol["dtype"] == "float32":
-        return (f"tolerance: atol {tol['atol']:.2e} ({tol['atol_source']}; reference noise "
-                f"float32 vs float64 {tol['reference_noise']:.2e}), rtol {tol['rtol']:g}")
+        return (f"tolerance (compute dtype float32): atol {tol['atol']:.2e} "
+                f"({tol['atol_source']}; reference noise float32 vs float64 "
+                f"{tol['reference_noise']:.2e}), rtol {tol['rtol']:g}")
     rmse = (f", RMSE <= {tol['rmse_max']:.2e} ({tol['rmse_source']})"
             if tol.get("rmse_max") is not None else "")
     return (f"tolerance (compute dtype {tol['dtype']}): atol {tol['atol']:.2e} "
