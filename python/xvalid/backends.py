@@ -171,7 +171,7 @@ class TorchBackend(Backend):
 
     def info(self) -> dict:
         import torch
-        return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": self.dtype}
 
 
 def _numpy(t) -> np.ndarray:
