@@ -267,4 +267,7 @@ def test_plot_colour_scale_follows_the_data_centred_on_the_budget():
     assert _ratio({"error": 2e-3, "budget": 2e-5}) == pytest.approx(2.0)
     assert _ratio({"error": "nan", "budget": 1e-5}) == float("inf")
     assert _ratio({"error": 0.0, "budget": 1e-5}) == float("-inf")
+    # a half-precision point: the larger of its two shares (max abs 0.1x, RMSE 2x its bound)
+    assert _ratio({"error": 1e-3, "budget": 1e-2, "rmse": 4e-4, "rmse_budget": 2e-4}) == \
+        pytest.approx(np.log10(2.0))
     assert 0 in _decade_ticks(-3.2, 4.7) and len(_decade_ticks(-40, 40)) <= 11

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENGINES = REPO / "tests" / "engines"
 ENGINE = ENGINES / "numpy_engine.py"
 sys.path.insert(0, str(ENGINES))
+from numpy_engine import round_bfloat16, round_float16  # noqa: E402
 from seedfile import read_model  # noqa: E402
 from write_seed_model import minimind_intermediate_size, write_seed_model  # noqa: E402
 
@@ -204,6 +205,30 @@ def test_engine_float32(models, tmp_path):
 
 # ---- the engine: bugs -------------------------------------------------------------------
 
+def test_half_rounding_matches_torch_bit_for_bit():
+    """round_bfloat16 and round_float16 (how the engine emulates half-precision compute) give
+    torch's conversions exactly: random bit patterns (every exponent, subnormals, NaN payloads),
+    exact bfloat16 ties both ways, values that round past the largest finite one, inf, NaN."""
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 2 ** 32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (np.arange(2000, dtype=np.uint32) << np.uint32(15)) | np.uint32(0x8000)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.39e38, 65504.0, 65520.0,
+                        1e-40, 6e-8, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8], np.float32)
+    x = np.concatenate([patterns.view(np.float32), ties.view(np.float32), special])
+    for rounded, dtype in ((round_bfloat16, torch.bfloat16), (round_float16, torch.float16)):
+        expected = torch.from_numpy(x).to(dtype).float().numpy()
+        got = rounded(x)
+        assert got.dtype == np.float32
+        assert np.array_equal(got, expected, equal_nan=True), dtype
+
+
+def test_half_accumulate_needs_a_half_dtype(models, tmp_path):
+    r = run_engine(models["gqa8-8"][0], tmp_path, "--bug", "half-accumulate", "--dtype", "float32")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("numpy_engine: error: --bug half-accumulate needs --dtype "
+                                "bfloat16 or float16, not float32")
+
+
 @pytest.fixture(scope="module")
 def correct_logits(models, tmp_path_factory):
     return {name: engine_logits(models[name], tmp_path_factory.mktemp(f"ok-{name}"))
@@ -241,7 +266,8 @@ def test_formats_and_intermediates(models, tmp_path):
 
     assert run_engine(path, tmp_path / "npy", "--format", "npy", "--no-intermediates",
                       "--no-timing").returncode == 0
-    assert [p.name for p in (tmp_path / "npy").iterdir()] == ["logits.npy"]
+    assert sorted(p.name for p in (tmp_path / "npy").iterdir()) == ["engine.json", "logits.npy"]
+    assert json.loads((tmp_path / "npy" / "engine.json").read_text()) == {"dtype": "float64"}
     npy = np.load(tmp_path / "npy" / "logits.npy")
     assert npy.dtype == np.float32 and np.array_equal(npy, raw)
 
@@ -300,7 +326,7 @@ def test_fail_two_files(models, tmp_path):
     r = run_engine(models["gqa8-8"][0], tmp_path, "--fail", "two-files", "--no-intermediates",
                    "--no-timing", timeout=20)
     assert r.returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["extra.bin", "logits.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.json", "extra.bin", "logits.bin"]
     assert (tmp_path / "extra.bin").read_bytes() == (tmp_path / "logits.bin").read_bytes()
 
 

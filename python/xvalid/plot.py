@@ -1,8 +1,9 @@
 """Plots for people who would rather look: error over budget per layer and sublayer.
 
 Colour is log10(error / budget) on a diverging scale centred at 1 (the budget): blue is within
-budget, white at it, red over it, so "over budget" is what stands out. The scale follows the
-data (no clipping) and always spans at least 0.1x .. 10x.
+budget, white at it, red over it, so "over budget" is what stands out. With a half-precision
+--dtype a point has two budgets (max abs and RMSE) and shows the larger share. The scale
+follows the data (no clipping) and always spans at least 0.1x .. 10x.
 """
 
 from __future__ import annotations
@@ -17,14 +18,22 @@ from .files import atomic_write
 ANNOTATE_MAX_CELLS = 400  # above this many cells the numbers would not be readable
 
 
-def _ratio(point: dict) -> float:
+def _log_share(error, budget: float) -> float:
     """log10(error / budget); +inf for a NaN/Inf error, -inf for an exact 0."""
-    error, budget = point["error"], point["budget"]
     if isinstance(error, str) or not math.isfinite(error):
         return math.inf
     if error == 0:
         return -math.inf
     return math.log10(error / max(budget, 1e-300))
+
+
+def _ratio(point: dict) -> float:
+    """log10(error / budget), the larger of max abs / atol and, for a half dtype, RMSE / its
+    bound (either one over 1 is a divergence)."""
+    ratio = _log_share(point["error"], point["budget"])
+    if "rmse_budget" in point:
+        ratio = max(ratio, _log_share(point["rmse"], point["rmse_budget"]))
+    return ratio
 
 
 def _scale(values: list[float]) -> tuple[float, float]:
