@@ -424,8 +424,8 @@ public:
     }
 
     // The same for a text already in memory.
-    ModelFile load_text(const std::string& text) {
-        return load_json(text.data(), text.size(), [](size_t) {});
+    ModelFile load_text(const std::string& text, JsonParse how) {
+        return load_json(text.data(), text.size(), [](size_t) {}, how);
     }
 
 private:
@@ -693,7 +693,7 @@ private:
     //      again whole, the decoded strings included: the parser's message then names the
     //      line and column in the file, as it always did.)
     template <typename Release>
-    ModelFile load_json(const char* text, size_t size, Release release) {
+    ModelFile load_json(const char* text, size_t size, Release release, JsonParse how = JsonParse::fast) {
         constexpr size_t kWindow = 8 << 20;
         TextScan scan(text, size);
         std::vector<Skip> skips;
@@ -701,7 +701,7 @@ private:
         for (size_t end = 0; end < size;) {
             end = std::min(size, end + kWindow);
             scan.scan_to(end);
-            for (; decoded < scan.data_strings.size(); decoded++) {
+            for (; how == JsonParse::fast && decoded < scan.data_strings.size(); decoded++) {
                 const Span& s = scan.data_strings[decoded];
                 if (decode_early(text + s.begin, s.end - s.begin)) skips.push_back({s.begin, s.end, decoded_.size() - 1});
             }
@@ -1179,9 +1179,9 @@ ModelFile load_model_file(const std::string& path) {
     return guarded(path, [&] { return reader.load_file(); });
 }
 
-ModelFile parse_model_file(const std::string& text, const std::string& path) {
+ModelFile parse_model_file(const std::string& text, const std::string& path, JsonParse how) {
     Reader reader(path);
-    return guarded(path, [&] { return reader.load_text(text); });
+    return guarded(path, [&] { return reader.load_text(text, how); });
 }
 
 }  // namespace xvalid
