@@ -154,10 +154,10 @@ private:
     std::vector<Level> levels_;
 };
 
-// A "data" text decoded before or while the file is parsed, so the parsed document never holds the
-// base64 of the weights: it holds json::binary({}, index of this) instead. Only valid base64
-// of at least kDecodeWhileParsing characters is decoded early; anything else stays a string
-// and is checked (with its exact message) where the tensor is read.
+// A "data" text decoded before or while the file is parsed, so the parsed document never
+// holds the base64 of the weights: it holds json::binary({}, index of this) instead. Only
+// valid base64 of at least kDecodeWhileParsing characters is decoded early; anything else
+// stays a string and is checked (with its exact message) where the tensor is read.
 struct DecodedData {
     std::vector<float> values;  // the bytes, in float-aligned storage: float32 tensors move out
     size_t nbytes = 0;
@@ -297,7 +297,7 @@ private:
     bool value_of_data_ = false;  // the current string follows `"data":`
 };
 
-// A decoded data string's content, left out of what the parser reads (see SkippedText).
+// A decoded data string's content, left out of what the parser reads (see SkippingIterator).
 struct Skip {
     size_t begin, end;  // the content, as in Span
     size_t decoded;     // its bytes: decoded_[decoded]
@@ -337,7 +337,7 @@ struct SkippingIterator {
 struct SkipMismatch {};
 
 // A JSON model file's text, whole: memory-mapped when it is a regular file, else read into
-// memory (a pipe). Mapped pages are given back once read (release_before), so that the text
+// memory (a device, a pipe). Mapped pages are given back once read (release_before), so that the text
 // of a 500 MB file never sits in memory whole; a page read again is mapped again from the
 // page cache.
 class FileText {
