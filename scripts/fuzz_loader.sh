@@ -61,7 +61,8 @@ cmake -DXVALID_SOURCE_DIR="$repo" -DXVALID_GENERATED_DIR="$out/generated" -P "$r
 clang++ -std=c++17 -O1 -g -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
     -I "$repo/csrc" -I "$out/generated" "${include_json[@]}" \
-    "$repo/csrc/fuzz/fuzz_loader.cpp" "$repo/csrc/io/model_file.cpp" "$repo/csrc/io/forward_memory.cpp" \
+    "$repo/csrc/fuzz/fuzz_loader.cpp" "$repo/csrc/io/model_file.cpp" "$repo/csrc/io/base64.cpp" \
+    "$repo/csrc/io/forward_memory.cpp" \
     "$repo/csrc/kernel/ops.cpp" "$repo/csrc/kernel/transformer.cpp" \
     -o "$out/fuzz_loader"
 

@@ -237,6 +237,26 @@ PYBIND11_MODULE(_core, m) {
             "mask is (B, cache_len + T) over cached and new tokens, None = all ones.")
         .def("__repr__", &Model::repr);
 
+    m.def(
+        "_load_text",
+        [](const py::bytes& text, const std::string& path, bool whole) {
+            std::string bytes = text;
+            xvalid::ModelFile file;
+            {
+                py::gil_scoped_release no_gil;
+                file = xvalid::parse_model_file(bytes, path, whole ? xvalid::JsonParse::whole : xvalid::JsonParse::fast);
+            }
+            py::list tensors;
+            for (const std::vector<float>& t : file.tensors) tensors.append(py::bytes((const char*)t.data(), t.size() * sizeof(float)));
+            const xvalid::Inputs& in = *file.inputs;
+            tensors.append(py::bytes((const char*)in.input_ids.data(), in.input_ids.size() * sizeof(int32_t)));
+            tensors.append(py::bytes((const char*)in.attention_mask.data(), in.attention_mask.size()));
+            return tensors;
+        },
+        py::arg("text"), py::arg("path"), py::arg("whole"),
+        "For the tests: loads a JSON model file's text the fast way or, whole=True, the plain way\n"
+        "(xvalid::JsonParse); the bytes of every tensor it decoded, in order, then of the inputs.\n"
+        "Raises ModelFileError.");
     m.def("kernels", &xvalid::kernel_names, "Names of the kernels a Model can use; the first is the default.");
     m.def("set_num_threads", &xvalid::set_num_threads, py::arg("n"), "Threads for the kernel (OpenMP).");
     m.def("get_num_threads", &xvalid::get_num_threads, "Threads the kernel uses (1 without OpenMP).");

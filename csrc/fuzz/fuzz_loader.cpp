@@ -2,15 +2,18 @@
 // on what it accepts when that is small. Built and run with ASan + UBSan by
 // scripts/fuzz_loader.sh (docs/cpp.md, "Fuzzing the loader"). A finding is a crash, a
 // sanitizer report, a leak, or an exception other than ModelFileError from the loader or
-// InputError from the kernel: anything the runner would not turn into one line and exit 2.
+// InputError from the kernel: anything the runner would not turn into one line and exit 2;
+// or a file that the loader's fast parse reads differently from its plain one (JsonParse).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "io/forward_memory.h"
 #include "io/model_file.h"
+#include "kernel/kernels.h"
 #include "kernel/ops.h"
 #include "kernel/transformer.h"
 
@@ -36,7 +39,8 @@ static void forward_and_step(const xvalid::ModelFile& file, bool capture) {
     step_in.mask = mask.data();
     step_in.mask_rows = in.B;
     step_in.mask_cols = in.S;
-    xvalid::Transformer transformer(file.config, file.weights);
+    // the clear kernel: the fast one's SIMD variants are not part of this build (fuzz_loader.sh)
+    xvalid::Transformer transformer(file.config, file.weights, xvalid::clear_kernel);
     xvalid::Intermediates captured;
     try {
         transformer.forward(step_in, capture ? &captured : nullptr);
@@ -53,16 +57,31 @@ static void forward_and_step(const xvalid::ModelFile& file, bool capture) {
     }
 }
 
-extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-    std::string text(reinterpret_cast<const char*>(data), size);
+// What a load gives: "loaded" and the bytes of every tensor, or the message (which must be
+// one printable line); `file` keeps what was loaded.
+static std::string load(const std::string& text, xvalid::JsonParse how, std::optional<xvalid::ModelFile>& file) {
     try {
-        xvalid::ModelFile file = xvalid::parse_model_file(text, "fuzz.json");
-        if (file.inputs) forward_and_step(file, size % 2 == 1);
+        file = xvalid::parse_model_file(text, "fuzz.json", how);
     } catch (const xvalid::ModelFileError& e) {
         // the expected refusal: must be one printable line
         for (const char* p = e.what(); *p; p++) {
             if ((unsigned char)*p < 0x20 || (unsigned char)*p >= 0x7f) std::abort();
         }
+        return e.what();
     }
+    std::string outcome = "loaded";
+    for (const std::vector<float>& t : file->tensors) outcome.append((const char*)t.data(), t.size() * sizeof(float));
+    outcome.append((const char*)file->inputs->input_ids.data(), file->inputs->input_ids.size() * sizeof(int32_t));
+    outcome.append((const char*)file->inputs->attention_mask.data(), file->inputs->attention_mask.size());
+    return outcome;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+    std::string text(reinterpret_cast<const char*>(data), size);
+    // the fast parse (long "data" strings decoded straight from the text) must agree with the
+    // plain one (the parser reads it all): the same tensors, or the same message
+    std::optional<xvalid::ModelFile> fast, whole;
+    if (load(text, xvalid::JsonParse::fast, fast) != load(text, xvalid::JsonParse::whole, whole)) std::abort();
+    if (fast && fast->inputs) forward_and_step(*fast, size % 2 == 1);
     return 0;
 }

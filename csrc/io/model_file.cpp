@@ -7,7 +7,6 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <iterator>
 #include <map>
 #include <tuple>
@@ -21,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base64.h"
 #include "forward_memory.h"
 #include "limits.h"
 
@@ -38,49 +38,6 @@ using spec::kFormatVersion;  // the newest "format_version" this reader understa
 bool is_reserved_dtype(const std::string& name) {
     return std::any_of(std::begin(spec::kReservedDtypes), std::end(spec::kReservedDtypes),
                        [&](const char* d) { return name == d; });
-}
-
-// ---- base64: RFC 4648 standard alphabet, padded, no whitespace ----
-
-constexpr int8_t kNotBase64 = -1, kPadding = -2;
-
-// Table-driven: one lookup per character instead of range comparisons.
-constexpr std::array<int8_t, 256> make_base64_table() {
-    std::array<int8_t, 256> table{};
-    for (auto& value : table) value = kNotBase64;
-    const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    for (int i = 0; i < 64; i++) table[(unsigned char)alphabet[i]] = (int8_t)i;
-    table['='] = kPadding;
-    return table;
-}
-constexpr std::array<int8_t, 256> kBase64 = make_base64_table();
-
-// Bytes that a base64 text of length n (a multiple of 4) decodes to.
-size_t base64_decoded_size(const std::string& text) {
-    size_t n = text.size();
-    size_t padding = (n >= 1 && text[n - 1] == '=') + (n >= 2 && text[n - 2] == '=');
-    return n / 4 * 3 - padding;
-}
-
-// Decodes `text` (length a multiple of 4) into `out`, which holds base64_decoded_size(text)
-// bytes. Returns the offset of the first character that is invalid where it stands, or
-// npos. '=' is valid only as the last one or two characters.
-size_t base64_decode(const std::string& text, uint8_t* out) {
-    const auto* in = reinterpret_cast<const unsigned char*>(text.data());
-    size_t n = text.size();
-    for (size_t i = 0; i < n; i += 4) {
-        int a = kBase64[in[i]], b = kBase64[in[i + 1]], c = kBase64[in[i + 2]], d = kBase64[in[i + 3]];
-        bool last = i + 4 == n;
-        if (a < 0) return i;
-        if (b < 0) return i + 1;
-        if (c == kNotBase64 || (c == kPadding && !(last && d == kPadding))) return i + 2;
-        if (d == kNotBase64 || (d == kPadding && !last)) return i + 3;
-        uint32_t bits = (uint32_t)a << 18 | (uint32_t)b << 12 | (uint32_t)std::max(c, 0) << 6 | (uint32_t)std::max(d, 0);
-        *out++ = (uint8_t)(bits >> 16);
-        if (c >= 0) *out++ = (uint8_t)(bits >> 8);
-        if (d >= 0) *out++ = (uint8_t)bits;
-    }
-    return std::string::npos;
 }
 
 // ---- messages ----
@@ -197,117 +154,231 @@ private:
     std::vector<Level> levels_;
 };
 
-// The checks made on the raw text before it is parsed, fed in chunks (the text is never held
-// whole): the offset of the first NUL byte (nlohmann's parser would take it for the end), and
-// of the first '[' or '{' that opens a level deeper than kMaxJsonDepth, strings skipped. The
-// depth scan is the same as Python's reader's (modelfile.py _too_deep_at), so both refuse the
-// same files: a quote closes a string after an even number of backslashes; on text that is
-// not JSON the count may be off, and the parser then reports the syntax error.
-class TextScan {
-public:
-    static constexpr size_t npos = std::string::npos;
-    size_t nul_at = npos, too_deep_at = npos;
-
-    void feed(const char* p, size_t n) {
-        if (nul_at == npos) {
-            const void* nul = std::memchr(p, '\0', n);
-            if (nul) nul_at = offset_ + ((const char*)nul - p);
-        }
-        for (size_t i = 0; i < n && too_deep_at == npos;) {
-            if (in_string_) {
-                i = skip_string(p, n, i);
-                continue;
-            }
-            char ch = p[i];
-            if (ch == '[' || ch == '{') {
-                if (++depth_ > kMaxJsonDepth) too_deep_at = offset_ + i;
-            } else if (ch == ']' || ch == '}') {
-                depth_--;
-            } else if (ch == '"') {
-                in_string_ = true;
-                backslashes_ = 0;
-            }
-            i++;
-        }
-        offset_ += n;
-    }
-
-private:
-    // Inside a string at p[i]: the index after its closing quote, or n (the string goes on).
-    size_t skip_string(const char* p, size_t n, size_t i) {
-        for (;;) {
-            const void* found = std::memchr(p + i, '"', n - i);
-            size_t end = found ? (const char*)found - p : n;
-            size_t k = end;  // backslashes right before `end`, carried over a chunk boundary
-            while (k > i && p[k - 1] == '\\') k--;
-            size_t run = (end - k) + (k == i ? backslashes_ : 0);
-            if (!found) {
-                backslashes_ = run;
-                return n;
-            }
-            backslashes_ = 0;
-            i = end + 1;
-            if (run % 2 == 0) {
-                in_string_ = false;
-                return i;
-            }
-        }
-    }
-
-    size_t offset_ = 0;
-    int depth_ = 0;
-    bool in_string_ = false;
-    size_t backslashes_ = 0;  // a string's backslashes right before the current position
-};
-
-// A file read in 1 MiB chunks, as an input iterator for nlohmann's parser: a 500 MB model
-// file is parsed without being held in memory.
-class FileChunks {
-public:
-    explicit FileChunks(std::FILE* file) : file_(file), buffer_(1 << 20) {}
-
-    bool next() {  // the next chunk into view(); false at the end of the file
-        size_ = std::fread(buffer_.data(), 1, buffer_.size(), file_);
-        pos_ = 0;
-        if (std::ferror(file_)) throw std::runtime_error(std::string("read error: ") + std::strerror(errno));
-        return size_ > 0;
-    }
-    const char* data() const { return buffer_.data(); }
-    size_t size() const { return size_; }
-
-    struct Iterator {
-        using iterator_category = std::input_iterator_tag;
-        using value_type = char;
-        using difference_type = std::ptrdiff_t;
-        using pointer = const char*;
-        using reference = const char&;
-        FileChunks* chunks;  // nullptr: the end
-        const char& operator*() const { return chunks->buffer_[chunks->pos_]; }
-        Iterator& operator++() {
-            if (++chunks->pos_ == chunks->size_ && !chunks->next()) chunks = nullptr;
-            return *this;
-        }
-        bool operator==(const Iterator& other) const { return chunks == other.chunks; }
-        bool operator!=(const Iterator& other) const { return chunks != other.chunks; }
-    };
-    Iterator begin() { return Iterator{next() ? this : nullptr}; }
-    static Iterator end() { return Iterator{nullptr}; }
-
-private:
-    std::FILE* file_;
-    std::vector<char> buffer_;
-    size_t size_ = 0, pos_ = 0;
-};
-
-// A "data" text decoded while the file is parsed, so the parsed document never holds the
-// base64 of the weights: it holds json::binary({}, index of this) instead. Only valid base64
-// of at least kDecodeWhileParsing characters is decoded early; anything else stays a string
-// and is checked (with its exact message) where the tensor is read.
+// A "data" text decoded before or while the file is parsed, so the parsed document never
+// holds the base64 of the weights: it holds json::binary({}, index of this) instead. Only
+// valid base64 of at least kDecodeWhileParsing characters is decoded early; anything else
+// stays a string and is checked (with its exact message) where the tensor is read.
 struct DecodedData {
     std::vector<float> values;  // the bytes, in float-aligned storage: float32 tensors move out
     size_t nbytes = 0;
 };
 constexpr size_t kDecodeWhileParsing = 4096;
+
+// Asks for 2 MiB pages for a fresh buffer of `bytes` before it is first written. Its first
+// touch then costs a page fault per 2 MiB instead of per 4 KiB: on this project's machine
+// (a VM, transparent huge pages on request) 0.03 s instead of 0.13 s for 128 MiB, the largest
+// cost of loading a model's weights. Only a hint: nothing changes where it is not granted.
+void advise_huge_pages(void* p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    constexpr size_t kHuge = 2 << 20;
+    if (bytes < 2 * kHuge) return;
+    static const uintptr_t page = (uintptr_t)::sysconf(_SC_PAGESIZE);
+    uintptr_t begin = ((uintptr_t)p + page - 1) / page * page, end = ((uintptr_t)p + bytes) / page * page;
+    ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+    (void)p, (void)bytes;
+#endif
+}
+
+// The content of one string in the text, without its quotes: bytes [begin, end).
+struct Span {
+    size_t begin, end;
+};
+
+// The checks made on the raw text before it is parsed, and where the tensors' base64 is:
+//   - nul_at: the offset of the first NUL byte (nlohmann's parser would take it for the end);
+//   - too_deep_at: of the first '[' or '{' that opens a level deeper than kMaxJsonDepth,
+//     strings skipped. The depth scan is the same as Python's reader's (modelfile.py
+//     _scan_text), so both refuse the same files: a quote closes a string after an even
+//     number of backslashes; on text that is not JSON the count may be off, and the parser
+//     then reports the syntax error;
+//   - data_strings: every string of at least kDecodeWhileParsing characters written as the
+//     value of a "data" member: `"data"`, whitespace, ':', whitespace, the string. (A key
+//     spelled with escapes, "d\u0061ta", is not seen here: its value is left to the parser.)
+// The text is scanned in windows (scan_to), so that the caller can release what lies behind.
+class TextScan {
+public:
+    static constexpr size_t npos = std::string::npos;
+    size_t nul_at = npos, too_deep_at = npos;
+    std::vector<Span> data_strings;
+
+    // `text` stays readable, whole, while this scans it.
+    TextScan(const char* text, size_t size) : text_(text), size_(size) {}
+
+    // Scans on to byte `end` (at most the size). The depth scan stops at the first level too deep.
+    void scan_to(size_t end) {
+        if (nul_at == npos && end > nul_scanned_) {
+            const void* nul = std::memchr(text_ + nul_scanned_, '\0', end - nul_scanned_);
+            if (nul) nul_at = (const char*)nul - text_;
+        }
+        nul_scanned_ = std::max(nul_scanned_, end);
+        while (pos_ < end && too_deep_at == npos) {
+            if (in_string_) {
+                skip_string(end);
+                continue;
+            }
+            switch (text_[pos_]) {
+                case '[':
+                case '{':
+                    if (++depth_ > kMaxJsonDepth) too_deep_at = pos_;
+                    after_ = After::other;
+                    break;
+                case ']':
+                case '}':
+                    depth_--;
+                    after_ = After::other;
+                    break;
+                case '"':
+                    in_string_ = true;
+                    string_begin_ = pos_ + 1;
+                    backslashes_ = 0;
+                    value_of_data_ = after_ == After::colon;
+                    break;
+                case ':':
+                    after_ = after_ == After::data_key ? After::colon : After::other;
+                    break;
+                case ' ':
+                case '\t':
+                case '\n':
+                case '\r':
+                    break;
+                default:
+                    after_ = After::other;
+            }
+            pos_++;
+        }
+    }
+    void scan_all() { scan_to(size_); }
+
+    // Where the text the scan still needs begins: the string being scanned, else the end of
+    // the scanned text.
+    size_t needed_from() const { return in_string_ ? string_begin_ : pos_; }
+
+private:
+    // Inside a string: on to the character after its closing quote, or to `end`.
+    void skip_string(size_t end) {
+        for (;;) {
+            const void* found = std::memchr(text_ + pos_, '"', end - pos_);
+            size_t quote = found ? (const char*)found - text_ : end;
+            size_t k = quote;  // backslashes right before the quote, carried over from the last window
+            while (k > pos_ && text_[k - 1] == '\\') k--;
+            size_t run = (quote - k) + (k == pos_ ? backslashes_ : 0);
+            if (!found) {
+                backslashes_ = run;
+                pos_ = end;
+                return;
+            }
+            backslashes_ = 0;
+            pos_ = quote + 1;
+            if (run % 2 == 0) {
+                in_string_ = false;
+                string_ended(quote);
+                return;
+            }
+        }
+    }
+
+    void string_ended(size_t quote) {
+        size_t length = quote - string_begin_;
+        if (value_of_data_ && length >= kDecodeWhileParsing) data_strings.push_back({string_begin_, quote});
+        bool data_key = length == 4 && std::memcmp(text_ + string_begin_, "data", 4) == 0;
+        after_ = data_key ? After::data_key : After::other;
+    }
+
+    const char* text_;
+    size_t size_;
+    size_t pos_ = 0, nul_scanned_ = 0;
+    int depth_ = 0;
+    bool in_string_ = false;
+    size_t string_begin_ = 0;  // the current string's first character
+    size_t backslashes_ = 0;   // the string's backslashes right before pos_
+    // what the text since the last string is: `"data"`, then maybe ':' (whitespace aside)
+    enum class After { other, data_key, colon } after_ = After::other;
+    bool value_of_data_ = false;  // the current string follows `"data":`
+};
+
+// A decoded data string's content, left out of what the parser reads (see SkippingIterator).
+struct Skip {
+    size_t begin, end;  // the content, as in Span
+    size_t decoded;     // its bytes: decoded_[decoded]
+};
+
+// The text as the parser reads it, each skipped string's content left out: the parser sees
+// "" there, and `pending` names the decoded bytes that the "" stands for until the parser's
+// callback takes them (the next value event: the lexer reads a whole string before the
+// parser reports it). An input iterator for nlohmann's parser.
+struct SkippingIterator {
+    using iterator_category = std::input_iterator_tag;
+    using value_type = char;
+    using difference_type = std::ptrdiff_t;
+    using pointer = const char*;
+    using reference = const char&;
+    const char* text;
+    size_t pos;
+    const Skip* next;  // the next skip at or after pos (== last: none)
+    const Skip* last;
+    size_t* pending;
+    const char& operator*() const { return text[pos]; }
+    SkippingIterator& operator++() {
+        if (++pos == (next != last ? next->begin : npos)) {
+            *pending = next->decoded;
+            pos = next->end;
+            ++next;
+        }
+        return *this;
+    }
+    bool operator==(const SkippingIterator& other) const { return pos == other.pos; }
+    bool operator!=(const SkippingIterator& other) const { return pos != other.pos; }
+    static constexpr size_t npos = std::string::npos;
+};
+
+// A skipped string the parser did not report as a "data" value where it stood: the skips
+// were wrong for this text (it is not JSON), so it is parsed again whole.
+struct SkipMismatch {};
+
+// A JSON model file's text, whole: memory-mapped when it is a regular file, else read into
+// memory (a device, a pipe). Mapped pages are given back once read (release_before), so that the text
+// of a 500 MB file never sits in memory whole; a page read again is mapped again from the
+// page cache.
+class FileText {
+public:
+    FileText() = default;
+    FileText(const FileText&) = delete;
+    FileText& operator=(const FileText&) = delete;
+    ~FileText() {
+        if (mapped_) ::munmap(mapped_, size_);
+    }
+
+    const char* data() const { return mapped_ ? static_cast<const char*>(mapped_) : bytes_.data(); }
+    size_t size() const { return mapped_ ? size_ : bytes_.size(); }
+
+    // false if `fd` is no regular file or cannot be mapped
+    bool map(int fd, size_t size) {
+        if (size == 0) return false;
+        void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return false;
+        mapped_ = p;
+        size_ = size;
+        return true;
+    }
+    std::string& bytes() { return bytes_; }
+
+    // The pages wholly before `offset` are not needed for now.
+    void release_before(size_t offset) {
+        if (!mapped_) return;
+        static const size_t page = (size_t)::sysconf(_SC_PAGESIZE);
+        size_t end = std::min(offset, size_) / page * page;
+        if (end > released_) {
+            ::madvise(static_cast<char*>(mapped_) + released_, end - released_, MADV_DONTNEED);
+            released_ = end;
+        }
+    }
+
+private:
+    void* mapped_ = nullptr;
+    size_t size_ = 0, released_ = 0;
+    std::string bytes_;
+};
 
 // A tensor entry whose dtype and shape have been read, not yet decoded.
 struct TensorEntry {
@@ -329,25 +400,13 @@ class Reader {
 public:
     explicit Reader(std::string path) : path_(std::move(path)) {}
 
-    // Loads the file at path_, streamed: it is scanned in chunks (NUL bytes, nesting depth),
-    // then parsed in chunks, tensor data decoded as it is parsed.
+    // Loads the JSON file at path_: mapped whole (read, if it cannot be mapped), then load_json.
     ModelFile load_file() {
         std::error_code ec;
         if (std::filesystem::is_directory(path_, ec)) throw ModelFileError(path_ + ": is a directory, not a model file");
-        std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path_.c_str(), "rb"), std::fclose);
-        if (!file) throw ModelFileError(path_ + ": cannot open model file: " + std::strerror(errno));
-        try {
-            FileChunks chunks(file.get());
-            TextScan scan;
-            while (chunks.next()) scan.feed(chunks.data(), chunks.size());
-            check_scan(scan);
-            std::rewind(file.get());
-            FileChunks parse_chunks(file.get());
-            return load(parse(parse_chunks.begin(), FileChunks::end()));
-        } catch (const std::runtime_error& e) {
-            if (dynamic_cast<const ModelFileError*>(&e)) throw;
-            throw ModelFileError(path_ + ": cannot read model file: " + e.what());
-        }
+        FileText text;
+        read_file(text);
+        return load_json(text.data(), text.size(), [&](size_t offset) { text.release_before(offset); });
     }
 
     // Loads a safetensors file (docs/model-format.md, "The safetensors container"): the file
@@ -365,24 +424,49 @@ public:
     }
 
     // The same for a text already in memory.
-    ModelFile load_text(const std::string& text) {
-        TextScan scan;
-        scan.feed(text.data(), text.size());
-        check_scan(scan);
-        return load(parse(text.data(), text.data() + text.size()));
+    ModelFile load_text(const std::string& text, JsonParse how) {
+        return load_json(text.data(), text.size(), [](size_t) {}, how);
     }
 
 private:
     [[noreturn]] void fail_file(const std::string& what) const { throw ModelFileError(path_ + ": " + what); }
 
-    std::shared_ptr<const void> map_file() {
+    // The file at path_, opened for reading, and its status.
+    int open_file(struct stat& st) const {
         int fd = ::open(path_.c_str(), O_RDONLY);
         if (fd < 0) fail_file(std::string("cannot open model file: ") + std::strerror(errno));
-        struct stat st {};
         if (::fstat(fd, &st) != 0) {
+            int error = errno;
             ::close(fd);
-            fail_file(std::string("cannot read model file: ") + std::strerror(errno));
+            fail_file(std::string("cannot read model file: ") + std::strerror(error));
         }
+        return fd;
+    }
+
+    // The JSON file's text: mapped if it is a regular file, else read (a pipe).
+    void read_file(FileText& text) const {
+        struct stat st {};
+        int fd = open_file(st);
+        if (!S_ISREG(st.st_mode) || !text.map(fd, (size_t)st.st_size)) {
+            char buffer[1 << 16];
+            for (;;) {
+                ssize_t n = ::read(fd, buffer, sizeof buffer);
+                if (n < 0 && errno == EINTR) continue;
+                if (n < 0) {
+                    int error = errno;
+                    ::close(fd);
+                    fail_file(std::string("cannot read model file: read error: ") + std::strerror(error));
+                }
+                if (n == 0) break;
+                text.bytes().append(buffer, (size_t)n);
+            }
+        }
+        ::close(fd);
+    }
+
+    std::shared_ptr<const void> map_file() {
+        struct stat st {};
+        int fd = open_file(st);
         mapped_size_ = (size_t)st.st_size;
         void* p = ::mmap(nullptr, mapped_size_, PROT_READ, MAP_PRIVATE, fd, 0);
         ::close(fd);  // the mapping keeps the file
@@ -420,8 +504,8 @@ private:
         }
         if (!it->is_string()) fail(key, "expected JSON text, found " + brief(json(*it)));
         const std::string& text = it->get_ref<const std::string&>();
-        TextScan scan;
-        scan.feed(text.data(), text.size());
+        TextScan scan(text.data(), text.size());
+        scan.scan_all();
         if (scan.nul_at != TextScan::npos || scan.too_deep_at != TextScan::npos) fail(key, "not valid JSON");
         json parsed = json::parse(text, nullptr, false);
         if (parsed.is_discarded()) fail(key, "not valid JSON");
@@ -440,8 +524,8 @@ private:
                       std::to_string(size) + " bytes)");
         }
         std::string text(reinterpret_cast<const char*>(bytes) + 8, length);
-        TextScan scan;
-        scan.feed(text.data(), text.size());
+        TextScan scan(text.data(), text.size());
+        scan.scan_all();
         if (scan.too_deep_at != TextScan::npos) {
             fail_file("safetensors header: nested deeper than " + std::to_string(kMaxJsonDepth) + " levels");
         }
@@ -599,31 +683,88 @@ private:
         }
     }
 
-    // A long "data" string that is valid base64, decoded into decoded_ and replaced by a
-    // binary placeholder naming it; false (the string kept) otherwise.
-    bool decode_while_parsing(json& value) {
-        const std::string& text = value.get_ref<const std::string&>();
-        if (text.size() < kDecodeWhileParsing || text.size() % 4 != 0) return false;
+    // The JSON container's text, checked and parsed, then loaded:
+    //   1. scanned in windows (NUL bytes, nesting depth, where the long "data" strings are),
+    //      each long "data" string that is valid base64 decoded straight from the text as soon
+    //      as the scan has passed its end, then `release` told that the text before the
+    //      window (or before a string still being scanned) is not needed for now: the text is
+    //      read once, and only a window and the longest string of it are held at a time;
+    //   2. the rest parsed, those strings left out. (A text that does not parse is parsed
+    //      again whole, the decoded strings included: the parser's message then names the
+    //      line and column in the file, as it always did.)
+    template <typename Release>
+    ModelFile load_json(const char* text, size_t size, Release release, JsonParse how = JsonParse::fast) {
+        constexpr size_t kWindow = 8 << 20;
+        TextScan scan(text, size);
+        std::vector<Skip> skips;
+        size_t decoded = 0;  // of scan.data_strings
+        for (size_t end = 0; end < size;) {
+            end = std::min(size, end + kWindow);
+            scan.scan_to(end);
+            for (; how == JsonParse::fast && decoded < scan.data_strings.size(); decoded++) {
+                const Span& s = scan.data_strings[decoded];
+                if (decode_early(text + s.begin, s.end - s.begin)) skips.push_back({s.begin, s.end, decoded_.size() - 1});
+            }
+            release(scan.needed_from());
+        }
+        check_scan(scan);
+        json root;
+        try {
+            root = parse(text, size, skips);
+        } catch (const SkipMismatch&) {
+            root = parse_whole(text, size);
+        } catch (const ModelFileError&) {
+            if (skips.empty()) throw;
+            root = parse_whole(text, size);
+        }
+        release(size);
+        return load(root);
+    }
+
+    json parse_whole(const char* text, size_t size) {
+        decoded_.clear();
+        return parse(text, size, {});
+    }
+
+    // A long "data" text that is valid base64, decoded into decoded_.back(); false otherwise.
+    bool decode_early(const char* text, size_t n) {
+        if (n < kDecodeWhileParsing || n % 4 != 0) return false;
         DecodedData d;
-        d.nbytes = base64_decoded_size(text);
-        d.values.resize((d.nbytes + sizeof(float) - 1) / sizeof(float));
-        if (base64_decode(text, reinterpret_cast<uint8_t*>(d.values.data())) != std::string::npos) return false;
+        d.nbytes = base64::decoded_size(text, n);
+        size_t count = (d.nbytes + sizeof(float) - 1) / sizeof(float);
+        d.values.reserve(count);
+        advise_huge_pages(d.values.data(), count * sizeof(float));
+        d.values.resize(count);
+        if (base64::decode(text, n, reinterpret_cast<uint8_t*>(d.values.data())) != base64::npos) return false;
         decoded_.push_back(std::move(d));
-        value = json::binary({}, decoded_.size() - 1);
         return true;
     }
 
-    template <typename Iterator>
-    json parse(Iterator first, Iterator last) {
+    // Parses the text, the content of each skip left out (see SkippingIterator): the "" the
+    // parser reads there becomes the binary placeholder of the skip's decoded bytes. A long
+    // "data" string the parser reads whole is decoded as it is parsed (decode_early).
+    json parse(const char* text, size_t size, const std::vector<Skip>& skips) {
         KeyTracker where;
+        size_t pending = SkippingIterator::npos, taken = 0;
+        SkippingIterator first{text, 0, skips.data(), skips.data() + skips.size(), &pending};
+        SkippingIterator last{text, size, nullptr, nullptr, &pending};
         try {
-            return json::parse(first, last, [&](int, json::parse_event_t event, json& parsed) {
-                if (event == json::parse_event_t::value && parsed.is_string() && where.member() == "data") {
-                    decode_while_parsing(parsed);
+            json root = json::parse(first, last, [&](int, json::parse_event_t event, json& parsed) {
+                bool data = event == json::parse_event_t::value && parsed.is_string() && where.member() == "data";
+                if (pending != SkippingIterator::npos) {  // the "" of a skipped string
+                    if (!data || !parsed.get_ref<const std::string&>().empty()) throw SkipMismatch{};
+                    parsed = json::binary({}, pending);
+                    pending = SkippingIterator::npos;
+                    taken++;
+                } else if (data) {
+                    const std::string& value = parsed.get_ref<const std::string&>();
+                    if (decode_early(value.data(), value.size())) parsed = json::binary({}, decoded_.size() - 1);
                 }
                 where.see(event, parsed);
                 return true;
             });
+            if (taken != skips.size()) throw SkipMismatch{};
+            return root;
         } catch (const json::out_of_range& e) {
             // 406: a number beyond a double's range, such as 1e999 or a 400-digit integer;
             // e.what() ends "number overflow parsing '<the number>'"
@@ -836,11 +977,11 @@ private:
         }
         const std::string& text = *t.base64;
         if (text.size() % 4 != 0) fail(t.key, "invalid base64: length " + std::to_string(text.size()) + " is not a multiple of 4");
-        size_t nbytes = base64_decoded_size(text);
+        size_t nbytes = base64::decoded_size(text.data(), text.size());
         expect_bytes(t, nbytes, numel * sizeof(T));
         std::vector<T> values(numel);
-        size_t bad = base64_decode(text, reinterpret_cast<uint8_t*>(values.data()));
-        if (bad != std::string::npos) {
+        size_t bad = base64::decode(text.data(), text.size(), reinterpret_cast<uint8_t*>(values.data()));
+        if (bad != base64::npos) {
             fail(t.key, "invalid base64 character " + char_str((unsigned char)text[bad]) + " at offset " + std::to_string(bad));
         }
         return values;
@@ -1038,9 +1179,9 @@ ModelFile load_model_file(const std::string& path) {
     return guarded(path, [&] { return reader.load_file(); });
 }
 
-ModelFile parse_model_file(const std::string& text, const std::string& path) {
+ModelFile parse_model_file(const std::string& text, const std::string& path, JsonParse how) {
     Reader reader(path);
-    return guarded(path, [&] { return reader.load_text(text); });
+    return guarded(path, [&] { return reader.load_text(text, how); });
 }
 
 }  // namespace xvalid

@@ -58,8 +58,14 @@ struct ModelFile {
 // Loads and checks the model file at `path`. Throws ModelFileError.
 ModelFile load_model_file(const std::string& path);
 
+// How the JSON container's text is parsed. fast: the long "data" strings are decoded straight
+// from the text and the parser reads the rest (what load_model_file does). whole: the parser
+// reads all of it, decoding each "data" string as it goes: the plain way, which the tests and
+// the fuzz harness hold the fast one to (same tensors, same messages).
+enum class JsonParse { fast, whole };
+
 // The same for a file's text already in memory (the fuzz harness's entry point); `path`
 // only names the file in messages.
-ModelFile parse_model_file(const std::string& text, const std::string& path);
+ModelFile parse_model_file(const std::string& text, const std::string& path, JsonParse how = JsonParse::fast);
 
 }  // namespace xvalid

@@ -23,13 +23,16 @@ import binascii
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
+import secrets
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pybase64
 
 from .config import ModelConfig
 from .dtypes import StoredTensor, weight_dtype_of
@@ -148,11 +151,25 @@ def encode_tensor(name: str, array: np.ndarray, stored: StoredTensor | None = No
     yield b"}"
 
 
+class DecodedText:
+    """A tensor's "data" string that load_json decoded while reading the file (it is valid
+    base64): its length in characters, as len() of the string, and its bytes."""
+
+    __slots__ = ("chars", "raw")
+
+    def __init__(self, chars: int, raw: bytes):
+        self.chars, self.raw = chars, raw
+
+    def __len__(self) -> int:
+        return self.chars
+
+
 def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
                   dtype: str | tuple[str, ...]) -> np.ndarray:
     """Decode and check one tensor object (or a safetensors RawTensor); every failure names `key`.
     `dtype`: the dtype expected there, or the dtypes allowed; the array comes back in the
-    stored numpy dtype (STORAGE_DTYPES; DTYPE_NAMES names it)."""
+    stored numpy dtype (STORAGE_DTYPES; DTYPE_NAMES names it).
+    Its "data" is a base64 string, or a DecodedText standing for one (_base64_bytes takes both)."""
     if isinstance(obj, RawTensor):
         return _raw_tensor(obj, key, expected_shape, dtype)
     if not isinstance(obj, dict):
@@ -166,20 +183,41 @@ def decode_tensor(obj: Any, key: str, expected_shape: tuple[int, ...] | None,
     shape = obj["shape"]
     dtype = _check_dtype_and_shape(key, obj["dtype"], dtype, shape, expected_shape)
     data = obj["data"]
-    if not isinstance(data, str):
+    if not isinstance(data, (str, DecodedText)):
         raise ModelFileError(f"{key}: data must be a base64 string, found {type(data).__name__}")
     np_dtype = STORAGE_DTYPES[dtype]
     expected_bytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
     if len(data) != 4 * ((expected_bytes + 2) // 3):  # checked before decoding anything
         raise ModelFileError(f"{key}: data holds {len(data)} base64 characters, expected "
                              f"{4 * ((expected_bytes + 2) // 3)} for shape {shape} {dtype}")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ModelFileError(f"{key}: bad base64 data ({exc})") from None
+    raw = _base64_bytes(data, key)
     if len(raw) != expected_bytes:
         raise ModelFileError(f"{key}: data decodes to {len(raw)} bytes, expected {expected_bytes}")
     return _finite(np.frombuffer(raw, dtype=np_dtype).reshape(shape), key)
+
+
+def _base64_bytes(data: str | DecodedText, key: str) -> bytes:
+    """The bytes of a tensor's base64 "data"; ModelFileError naming `key` if it is not valid."""
+    if isinstance(data, DecodedText):
+        return data.raw
+    raw = _fast_b64decode(data)
+    if raw is not None:
+        return raw
+    try:  # for the message
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ModelFileError(f"{key}: bad base64 data ({exc})") from None
+
+
+def _fast_b64decode(text: Any) -> bytes | None:
+    """base64.b64decode(text, validate=True) at several GB/s (pybase64, SIMD), or None for a
+    text it refuses: pybase64 accepts a subset of what base64 does (it refuses "AAAA===="),
+    with the same bytes, so a None sends the text to base64 for its verdict and message.
+    `text`: str, bytes, or a memoryview of the file."""
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _dtype_list(names: tuple[str, ...]) -> str:
@@ -457,37 +495,55 @@ def parse_model(doc: Any) -> ModelFile:
 
 
 _BRACKETS = re.compile(rb"[][{}]")
+_COLON = re.compile(rb"[ \t\n\r]*:[ \t\n\r]*")  # between a key and its value
+# A "data" string at least this long is decoded while the file is read (the C++ loader's
+# kDecodeWhileParsing); shorter ones when their tensor is read.
+DECODE_EARLY_CHARS = 4096
 
 
 def _too_deep_at(text: bytes) -> int | None:
     """The byte offset of the first '[' or '{' that opens a level deeper than MAX_JSON_DEPTH,
-    strings skipped; None if there is none. The C++ loader scans the same way (model_file.cpp
-    too_deep_at), so both refuse the same files; on text that is not JSON the count may be
-    off, and the parser then reports the syntax error."""
+    strings skipped; None if there is none (see _scan_text)."""
+    return _scan_text(text)[0]
+
+
+def _scan_text(text: bytes | mmap.mmap) -> tuple[int | None, list[tuple[int, int]]]:
+    """One pass over the raw text, strings skipped: (the byte offset of the first '[' or '{'
+    that opens a level deeper than MAX_JSON_DEPTH, or None; the content [begin, end) of every
+    string of at least DECODE_EARLY_CHARS bytes written as the value of a "data" member:
+    `"data"`, whitespace, ':', whitespace, the string). The C++ loader scans the same way
+    (model_file.cpp TextScan), so both refuse the same files; on text that is not JSON the
+    count may be off, and the parser then reports the syntax error."""
     depth, pos, n = 0, 0, len(text)
+    data_strings = []
+    data_key_end = -1  # the closing quote of the last string if that string was "data"
     while pos < n:
         quote = text.find(b'"', pos)
         for bracket in _BRACKETS.finditer(text, pos, n if quote < 0 else quote):
             if bracket.group() in b"[{":
                 depth += 1
                 if depth > MAX_JSON_DEPTH:
-                    return bracket.start()
+                    return bracket.start(), data_strings
             else:
                 depth -= 1
         if quote < 0:
-            return None
+            break
         end = quote  # to the closing quote: one after an even number of backslashes
         while True:
             end = text.find(b'"', end + 1)
             if end < 0:
-                return None  # unterminated: the parser says so
+                return None, data_strings  # unterminated: the parser says so
             start = end
             while start > quote + 1 and text[start - 1] == 0x5C:  # backslash
                 start -= 1
             if (end - start) % 2 == 0:
                 break
+        if (end - quote > DECODE_EARLY_CHARS and data_key_end >= 0
+                and _COLON.fullmatch(text, data_key_end + 1, quote)):
+            data_strings.append((quote + 1, end))
+        data_key_end = end if end - quote == 5 and text[quote + 1:end] == b"data" else -1
         pos = end + 1
-    return None
+    return None, data_strings
 
 
 class _Overflow:
@@ -546,23 +602,45 @@ def _first_overflow(doc: Any) -> tuple[str, _Overflow] | None:
 def load_json(path: str | os.PathLike) -> Any:
     """The parsed document, or ModelFileError "{path}: ...". The checks before and after the
     parse are the C++ loader's, with the same messages: a NUL byte, nesting deeper than
-    MAX_JSON_DEPTH, a number beyond a double."""
+    MAX_JSON_DEPTH, a number beyond a double. The file is memory-mapped; its long "data"
+    strings are decoded straight from it, and only the rest goes through json (see
+    _parse_skipping): the document then holds a DecodedText for each of them."""
     path = Path(path)
     try:
-        text = path.read_bytes()
+        with open(path, "rb") as fp:
+            try:
+                text = mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ)
+            except (ValueError, OSError):  # empty, or not a regular file
+                text = fp.read()
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ModelFileError(f"{path}: is a directory, expected a model file") from None
     except PermissionError:
         raise ModelFileError(f"{path}: permission denied") from None
+    try:
+        return _parse_text(text, path)
+    finally:
+        if isinstance(text, mmap.mmap):
+            text.close()
+
+
+def _parse_text(text: bytes | mmap.mmap, path: Path, skipping: bool = True) -> Any:
+    """load_json's checks and parse of the file's text. skipping=False parses it all with json,
+    every "data" string a str: the plain way, which the tests hold the fast one to."""
     nul = text.find(b"\0")
     if nul >= 0:
         raise ModelFileError(f"{path}: not valid JSON: NUL byte at offset {nul}")
-    too_deep = _too_deep_at(text)
+    too_deep, data_strings = _scan_text(text)
     if too_deep is not None:
         raise ModelFileError(f"{path}: not valid JSON: arrays and objects nested deeper than "
                              f"{MAX_JSON_DEPTH} levels (at byte offset {too_deep})")
+    doc = _parse_skipping(text, data_strings) if skipping else None
+    return doc if doc is not None else _parse_whole(bytes(text), path)
+
+
+def _parse_whole(text: bytes, path: Path) -> Any:
+    """json.loads of the whole text, with the C++ parser's number limits and its messages."""
     numbers = _Numbers()
     try:
         doc = json.loads(text, parse_float=numbers.parse_float, parse_int=numbers.parse_int,
@@ -580,6 +658,63 @@ def load_json(path: str | os.PathLike) -> Any:
         key, number = overflow
         raise ModelFileError(f"{path}: {key}: number {cut(number.text)} does not fit in a double")
     return doc
+
+
+def _parse_skipping(text: bytes | mmap.mmap, data_strings: list[tuple[int, int]]) -> Any:
+    """The document with each of `data_strings` that is valid base64 decoded straight from the
+    text (a DecodedText in its place), the rest of the text parsed by json; None when that is
+    not the document _parse_whole would give, so the caller parses it all (and gets its
+    message). In the text json reads, each decoded string's content is a marker naming it, with
+    a random part no file holds; each marker must come back as the "data" of an object in the
+    inputs, rope or weights sections (where tensors are read), or the result is not used. (A
+    valid base64 string holds no quote, backslash or control character, so the text with the
+    marker in its place is valid JSON exactly when the file is.)"""
+    if not data_strings or json.detect_encoding(text[:4]) != "utf-8":
+        return None
+    marker = f"xvalid-decoded-{secrets.token_hex(16)}-"
+    decoded: list[DecodedText] = []
+    pieces, pos = [], 0
+    with memoryview(text) as view:
+        for begin, end in data_strings:
+            raw = _fast_b64decode(view[begin:end])
+            if raw is not None:
+                pieces += [text[pos:begin], f"{marker}{len(decoded)}".encode()]
+                decoded.append(DecodedText(end - begin, raw))
+                pos = end
+    if not decoded:
+        return None
+    pieces.append(text[pos:])
+    numbers = _Numbers()
+    try:
+        doc = json.loads(b"".join(pieces), parse_float=numbers.parse_float,
+                         parse_int=numbers.parse_int, parse_constant=_not_a_json_number)
+    except ValueError:  # not JSON (UnicodeDecodeError and JSONDecodeError included)
+        return None
+    if numbers.overflowed or _put_decoded(doc, marker, decoded) != len(decoded):
+        return None
+    return doc
+
+
+def _put_decoded(doc: Any, marker: str, decoded: list[DecodedText]) -> int:
+    """Replaces each marker string (see _parse_skipping) that is the "data" of an object in
+    doc's inputs, rope or weights section by its DecodedText; the number of distinct ones
+    replaced."""
+    if not isinstance(doc, dict):
+        return 0
+    stack = [doc.get(section) for section in ("inputs", "rope", "weights")]
+    seen = set()
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            data = value.get("data")
+            if isinstance(data, str) and data.startswith(marker):
+                index = int(data[len(marker):])
+                value["data"] = decoded[index]
+                seen.add(index)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return len(seen)
 
 
 CONTAINERS = ("json", "safetensors")
