@@ -140,16 +140,34 @@ def test_import_draws_the_inputs_generate_draws(cli, tmp_path, checkpoints):
     assert np.array_equal(a.attention_mask, b.attention_mask)
 
 
-def test_import_bfloat16_is_upcast_exactly(cli, tmp_path):
+def test_import_bfloat16_keeps_its_storage_exactly(cli, tmp_path):
     model = llama(tied=False, seed=3)
     directory = save(model, tmp_path / "bf16", dtype=torch.bfloat16)
     out = tmp_path / "m.safetensors"
     result = cli("import", directory, "-o", out, "--format", "safetensors")
     assert result.code == 0, result.err
-    assert "upcast to float32" in result.out
+    assert "kept as bfloat16" in result.out
     mf = read_model(out)
     assert mf.meta["source"]["dtypes"] == {"BF16": 21}
+    assert mf.weight_dtype == "bfloat16"
+    assert all(stored.dtype == "bfloat16" for stored in mf.storage.values())
+    assert mf.source_logits is None  # nothing was converted: no quantisation record
     assert_same_weights(mf, model, tied=False)  # model is bfloat16 now: .float() is exact
+
+
+def test_import_with_weight_dtype_quantises_and_records_the_source(cli, tmp_path, checkpoints):
+    directory, model, _ = checkpoints["untied-2-shards"]
+    out = tmp_path / "q.json"
+    result = cli("import", directory, "-o", out, "--weight-dtype", "int8", "--seq-len", 6)
+    assert result.code == 0, result.err
+    mf = read_model(out)
+    assert mf.weight_dtype == "int8" and mf.source_logits is not None
+    wq = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    stored = mf.storage["weights.layers[0].wq"]
+    assert stored.dtype == "int8" and stored.block_size == 32
+    # dequantised values within half a quantisation step of the checkpoint's
+    step = np.repeat(stored.scales, 32, axis=1)[:, :wq.shape[1]]
+    assert np.all(np.abs(mf.weights.layers[0].wq - wq) <= step / 2 + 1e-7)
 
 
 def test_import_given_ids(cli, tmp_path, checkpoints):

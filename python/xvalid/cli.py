@@ -199,12 +199,14 @@ DRAW_FLAGS = ("seq_len", "batch_size", "pad", "pad_len")
 @click.option("--ids-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Input rows of token ids: one row per line, or a JSON list of lists.")
 @input_options
+@weight_dtype_options
 @click.pass_context
 def import_checkpoint(ctx, checkpoint, output, container, id_rows, ids_file, seq_len, batch_size,
-                      pad, pad_len, seed):
+                      pad, pad_len, seed, weight_dtype, quant_block):
     """Read a transformers checkpoint directory (LlamaForCausalLM or MiniMind2's dense model:
     config.json and model.safetensors or shards) into a model file, with inputs given by
-    --ids / --ids-file or drawn from --seed."""
+    --ids / --ids-file or drawn from --seed. Weights keep the checkpoint's dtype when all are
+    float16 or all bfloat16 (else float32); --weight-dtype converts them (int8 quantises)."""
     from .generate import check_input_options, draw_inputs
     from .hf import checkpoint_model, given_inputs, parse_ids_text, read_checkpoint
     from .memory import check_forward_memory
@@ -244,8 +246,13 @@ def import_checkpoint(ctx, checkpoint, output, container, id_rows, ids_file, seq
         inputs = {"drawn": True, "pad_rows": pad, "padding": padding}
     mf = checkpoint_model(ck, ids, mask, {"seed": seed, "inputs": inputs})
     check_forward_memory(cfg, *ids.shape, intermediates=False)  # before the reference runs
-    from .generate import record_reference, reference_logits
+    block = block_size(weight_dtype, quant_block)
+    from .generate import convert_weights, record_reference, reference_logits
+    from .hf import keep_checkpoint_dtype
+    mf = keep_checkpoint_dtype(mf, ck)  # exact: the upcast values are the stored ones
     record_reference(mf, reference_logits(mf))
+    if weight_dtype is not None:
+        mf = convert_weights(mf, weight_dtype, block)
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
 

@@ -9,7 +9,8 @@ implement (biases, RoPE scaling, sliding windows, MoE, q/k norms, other tensors)
 with one line naming the key or tensor: a checkpoint is never run as something it is not.
 
 Tensors are read with the `safetensors` library into numpy (no torch, no transformers);
-float16 and bfloat16 tensors are upcast to float32, exactly (the model file stores float32).
+float16 and bfloat16 tensors are upcast to float32, exactly; a checkpoint stored wholly in one of
+them keeps that storage dtype in the model file (docs/model-format.md, reduced precision).
 """
 
 from __future__ import annotations
@@ -531,6 +532,23 @@ def checkpoint_model(ck: Checkpoint, ids: np.ndarray, mask: np.ndarray, meta: di
     full = {"B": int(ids.shape[0]), "S": int(ids.shape[1]), "head_dim": cfg.head_dim,
             "source": source, **meta}
     return ModelFile(cfg, ck.weights, ids, mask, cos, sin, full)
+
+
+STORAGE_OF = {"F16": "float16", "BF16": "bfloat16"}
+
+
+def keep_checkpoint_dtype(mf: ModelFile, ck: Checkpoint) -> ModelFile:
+    """`mf` with its weights stored as the checkpoint stores them when every weight tensor is
+    F16, or every one BF16 (the float32 weights are their exact upcast, so storing them back
+    loses nothing); else `mf` itself, in float32."""
+    dtypes = set(ck.source_dtypes)
+    if len(dtypes) != 1 or next(iter(dtypes)) not in STORAGE_OF:
+        return mf
+    from .dtypes import store_weights
+    stored = store_weights(mf, STORAGE_OF[dtypes.pop()])
+    source = {key: value for key, value in mf.meta["source"].items() if key != "upcast"}
+    stored.meta = {**mf.meta, "source": {**source, "kept": stored.weight_dtype}}
+    return stored
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,8 @@ def import_source_line(source: dict) -> str:
     dtypes = ", ".join(f"{count} {dtype}" for dtype, count in source.get("dtypes", {}).items())
     line = (f"{source.get('checkpoint')} ({source.get('architecture')}, "
             f"{'tied' if source.get('tied') else 'untied'} head, tensors {dtypes}"
-            f"{', upcast to float32' if source.get('upcast') else ''})")
+            f"{', upcast to float32' if source.get('upcast') else ''}"
+            f"{', kept as ' + source['kept'] if source.get('kept') else ''})")
     defaults = source.get("defaults") or {}
     if defaults:
         line += "; defaults for keys absent from config.json: " + ", ".join(
