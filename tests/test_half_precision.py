@@ -264,4 +264,25 @@ def test_run_writes_half_precision_logits_as_float32(cli, tmp_path, bug_model):
     expected = Reference(mf, "bfloat16").forward(mf.input_ids, mf.attention_mask).float().numpy()
     assert logits.dtype == np.float32 and np.array_equal(logits, expected)
     cli("run", bug_model, "--backend", "cpp", "--dtype", "bfloat16").assert_one_line_error(
-        2, "--dtype bfloat16 is for the torch backend only")
+        2, "--dtype bfloat16: the cpp backend computes in float32")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_transformers_in_half_precision_passes_the_half_budget(cli, tmp_path, bug_model, dtype):
+    """transformers' LlamaForCausalLM cast to the dtype is an implementation independent of the
+    reference (its own RoPE, its own op order): as accurate as PyTorch in that dtype, so it
+    passes, and the report says it computed in the dtype."""
+    pytest.importorskip("transformers")
+    report = tmp_path / "r.json"
+    result = cli("compare", bug_model, "--backends", "torch,hf", "--dtype", dtype,
+                 "--repeat", "1", "--warmup", "0", "--json", report)
+    assert result.code == 0, result.out + result.err
+    rows = {row["name"]: row for row in json.loads(report.read_text())["candidates"]}
+    assert rows["hf"]["compute_dtype"]["actual"] == dtype
+    assert rows["hf"]["status"] == "pass"
+    out = tmp_path / "hf.npy"
+    assert cli("run", bug_model, "--backend", "hf", "--dtype", dtype, "-o", out).code == 0
+    torch_out = tmp_path / "t.npy"
+    assert cli("run", bug_model, "--dtype", dtype, "-o", torch_out).code == 0
+    # independent roundings: the two half-precision results are not bitwise equal
+    assert not np.array_equal(np.load(out), np.load(torch_out))

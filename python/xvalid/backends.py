@@ -306,7 +306,7 @@ class HfBackend(Backend):
 
     name = "hf"
 
-    def __init__(self, mf: ModelFile):
+    def __init__(self, mf: ModelFile, dtype: str = "float32"):
         self.transformers = require_transformers()
         import torch
 
@@ -331,7 +331,10 @@ class HfBackend(Backend):
         left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"hf backend: {left[0]} was not set from the file")
-        self.model = model.eval()
+        # A half compute dtype: weights cast to it, as from_pretrained(torch_dtype=...) does;
+        # transformers' own RMSNorm and eager softmax then work in float32 inside.
+        self.dtype = dtype
+        self.model = model.to(getattr(torch, dtype)).eval()
         self.cache = None
 
     def set_threads(self, n: int) -> None:
@@ -352,9 +355,9 @@ class HfBackend(Backend):
 
     def forward(self, ids, mask, capture: bool = False):
         if not capture:
-            return self._run(ids, mask, None).logits.numpy(), None
+            return self._run(ids, mask, None).logits.float().numpy(), None
         with _HfCapture(self.model, self.cfg) as sink:
-            logits = self._run(ids, mask, None).logits.numpy()
+            logits = self._run(ids, mask, None).logits.float().numpy()
         sink["logits"] = logits
         return logits, sink
 
@@ -364,11 +367,11 @@ class HfBackend(Backend):
     def step(self, ids, mask) -> np.ndarray:
         out = self._run(ids, mask, self.cache)
         self.cache = out.past_key_values
-        return out.logits.numpy()
+        return out.logits.float().numpy()
 
     def info(self) -> dict:
         return {"transformers": self.transformers.__version__, "torch": self.torch.__version__,
-                "attention": "eager", "threads": self.torch.get_num_threads()}
+                "attention": "eager", "dtype": self.dtype, "threads": self.torch.get_num_threads()}
 
 
 class _HfCapture:
@@ -441,8 +444,10 @@ register(BackendSpec("cpp", "the fast C++ kernel (packed AVX2/FMA matmul, fused 
 register(BackendSpec("cpp-clear", "the clear C++ kernel (naive, double-accumulated)",
                      lambda path, mf: CppBackend(path, "clear", "cpp-clear"), uses_core=True))
 register(BackendSpec("hf", "transformers' LlamaForCausalLM, eager attention, float32 "
-                     "(needs the hf extra)", lambda path, mf: HfBackend(mf),
-                     available=require_transformers))
+                     "(or --dtype; needs the hf extra)",
+                     lambda path, mf, dtype="float32": HfBackend(mf, dtype),
+                     available=require_transformers,
+                     compute_dtypes=("float32", "bfloat16", "float16")))
 
 BUILTIN_BACKENDS = backend_names()
 DEFAULT_BACKENDS = ("torch", "cpp")

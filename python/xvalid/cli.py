@@ -317,8 +317,8 @@ def convert(model, output, container, weight_dtype, quant_block):
               help="; ".join(f"{s.name}: {s.summary}" for s in REGISTRY.values()))
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
               default="float32", show_default=True,
-              help="Compute dtype (torch backend only; half-precision logits are written as "
-                   "float32).")
+              help="Compute dtype (float64: torch only; bfloat16/float16: the backends that "
+                   "compute in them, torch and hf; half-precision logits are written as float32).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("logits.npy"), show_default=True, help="Logits (B,S,V) as .npy")
 @click.option("--intermediates", type=click.Path(file_okay=False, path_type=Path),
@@ -331,13 +331,16 @@ def run(model, backend, dtype, output, intermediates, threads):
     from .memory import check_forward_memory
     from .modelfile import read_model
 
-    if backend != "torch" and dtype != "float32":
-        raise click.UsageError(f"--dtype {dtype} is for the torch backend only")
-    REGISTRY[backend].check_available()
+    spec = REGISTRY[backend]
+    if dtype != "float32" and not (dtype in spec.compute_dtypes or (dtype, backend) == ("float64", "torch")):
+        raise click.UsageError(f"--dtype {dtype}: the {backend} backend computes in "
+                               f"{', '.join(spec.compute_dtypes)}")
+    spec.check_available()
     mf = read_model(model)
     if intermediates is not None:  # read_model checked the memory of a forward without them
         check_forward_memory(mf.config, mf.batch_size, mf.seq_len, True, where=f"{model}: ")
-    runner = TorchBackend(mf, dtype) if backend == "torch" else create_backend(backend, model, mf)
+    runner = (TorchBackend(mf, dtype) if backend == "torch" else
+              create_backend(backend, model, mf) if dtype == "float32" else spec.create(model, mf, dtype))
     if threads:
         runner.set_threads(threads)
     start = time.perf_counter()
