@@ -36,7 +36,7 @@ from .st_container import RawTensor, is_safetensors
 
 from .formatspec import (FORMAT_NAME, FORMAT_VERSION, MAX_JSON_DEPTH,  # noqa: F401
                          RESERVED_DTYPES, REQUIRED_CONFIG, REQUIRED_SECTIONS,
-                         STORAGE_DTYPES_SPEC)
+                         STORAGE_DTYPES_SPEC, WRITTEN_VERSION_PLAIN)
 
 PREVIEW_LEN = 16
 # MAX_JSON_DEPTH: arrays and objects may be nested at most this deep (the C++ loader's limit
@@ -518,7 +518,7 @@ def _document(mf: ModelFile) -> dict:
                        for f in fields(LayerWeights)})
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": WRITTEN_VERSION_PLAIN,  # every tensor float32/int32/uint8
         "meta": meta,
         "config": mf.config.to_json(),
         "inputs": {"input_ids": _Leaf("input_ids", mf.input_ids),
@@ -586,7 +586,7 @@ def write_model_safetensors(mf: ModelFile, path: str | os.PathLike) -> None:
     and meta as JSON text in the header's __metadata__."""
     from .st_container import write_safetensors
     doc = _document(mf)
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+    metadata = {"format": FORMAT_NAME, "format_version": str(WRITTEN_VERSION_PLAIN),
                 "config": json.dumps(doc["config"], allow_nan=False),
                 "meta": json.dumps(doc["meta"], allow_nan=False)}
     write_safetensors(list(named_tensors(mf)), metadata, path)
