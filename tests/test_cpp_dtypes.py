@@ -21,6 +21,7 @@ from xvalid.bench.weight_dtype import convert, write_stored
 from xvalid.compare import Candidate, derive_tolerance, judge, run_reference
 from xvalid.config import ModelConfig
 from xvalid.generate import generate_model
+from xvalid.modelfile import named_tensors
 from xvalid.reference import intermediate_names
 
 RUNNER = find_runner()
@@ -303,3 +304,34 @@ def test_good_typed_files_load_in_the_runner(typed_files, tmp_path):
         logits = np.load(out / "logits.npy")
         keep = mf.attention_mask.astype(bool)
         assert np.abs(logits - ref.logits)[keep].max() < 1e-5
+
+
+PEAK_RSS_SCRIPT = r"""
+import resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True)
+assert proc.returncode == 0, proc.stderr
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)  # KiB
+"""
+
+
+@pytest.mark.parametrize("container", ["json", "safetensors"])
+def test_runner_holds_the_weights_as_stored_not_as_float32(tmp_path, container):
+    """The runner's peak memory on an int8 model is below its peak on the same model in
+    float32 by more than half of the float32 weights: the loader keeps the int8 bytes and the
+    kernel converts as it reads (4 bytes a weight saved, 1 + 4/32 kept)."""
+    if RUNNER is None:
+        pytest.skip("no xvalid-run")
+    cfg = ModelConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=4096, intermediate_size=704, max_position_embeddings=16)
+    original = generate_model(cfg, batch_size=1, seq_len=4, seed=3, pad=0)
+    peaks = {}
+    for weight_dtype in ("float32", "int8"):
+        mf, stored = convert(original, weight_dtype)
+        path = tmp_path / f"{weight_dtype}.{container}"
+        write_stored(mf, stored, path, container)
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, RUNNER, path, tmp_path / "out", "--threads", "1"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        peaks[weight_dtype] = int(proc.stdout) * 1024
+    float32_bytes = sum(a.nbytes for key, a in named_tensors(original) if key.startswith("weights.") and a.ndim == 2)
+    assert peaks["float32"] - peaks["int8"] > 0.5 * float32_bytes, (peaks, float32_bytes)
