@@ -131,15 +131,16 @@ def test_threads_and_protocol_values_reach_the_engine(cli, tmp_path, bug_model):
     is also timed as a process, in a second run asked for no decode and no intermediates."""
     log = tmp_path / "runs.txt"
     record = (f"env | grep -E '^(XVALID_|OMP_NUM_THREADS=)' | sort >> {log} && "
-              f"echo args {{threads}} {{decode}} {{prefill}} {{repeat}} {{warmup}} >> {log} && "
+              f"echo args {{threads}} {{decode}} {{prefill}} {{repeat}} {{warmup}} {{dtype}} >> {log} && "
               f"echo --- >> {log}")
     result, report = compare_json(cli, tmp_path, bug_model, "--threads", 3, "--decode", 2,
                                   "--engine", f"{record} && {ENGINE} --seed-style")
     assert result.code == 0, result.out + result.err
     first, timing_run = (block.split("\n") for block in log.read_text().split("---\n")[:2])
-    assert first == ["OMP_NUM_THREADS=3", "XVALID_DECODE_STEPS=2", "XVALID_INTERMEDIATES=1",
-                     "XVALID_PREFILL=6", "XVALID_PROTOCOL=2", "XVALID_REPEAT=1",
-                     "XVALID_THREADS=3", "XVALID_WARMUP=0", "args 3 2 6 1 0", ""]
+    assert first == ["OMP_NUM_THREADS=3", "XVALID_DECODE_STEPS=2", "XVALID_DTYPE=float32",
+                     "XVALID_INTERMEDIATES=1", "XVALID_PREFILL=6", "XVALID_PROTOCOL=3",
+                     "XVALID_REPEAT=1", "XVALID_THREADS=3", "XVALID_WARMUP=0",
+                     "args 3 2 6 1 0 float32", ""]
     assert "XVALID_DECODE_STEPS=0" in timing_run and "XVALID_INTERMEDIATES=0" in timing_run
     assert "OMP_NUM_THREADS=3" in timing_run
     assert report["threads"] == 3
@@ -261,7 +262,7 @@ def test_missing_engine_output_lists_what_the_engine_wrote(cli, tmp_path, bug_mo
     assert result.code == 3
     assert row(report, "numpy_engine.py")["error"] == (
         "numpy_engine.py: wrote no nothere.bin in its output directory (it wrote: "
-        "intermediates/ (27 files), logits.bin, timing.json)")
+        "engine.json, intermediates/ (27 files), logits.bin, timing.json)")
     result, report = compare_json(cli, tmp_path, bug_model, "--engine",
                                   f"{ENGINE} --seed-style && mv {{out}}/logits.bin {{out}}/l.f32")
     assert "wrote no .npy or .bin file in its output directory (it wrote: l.f32)" in \
@@ -296,4 +297,4 @@ def test_report_with_every_extension_matches_the_schema(cli, tmp_path, bug_model
                                          "mv {out}/intermediates/embedding.npy {out}/intermediates/emb.npy",
                              "--engine", f"b={ENGINE} --seed-style")
     jsonschema.validate(report, schema)
-    assert report["schema_version"] == 2 and report["engine_protocol"] == 2
+    assert report["schema_version"] == 2 and report["engine_protocol"] == 3

@@ -241,7 +241,8 @@ def test_formats_and_intermediates(models, tmp_path):
 
     assert run_engine(path, tmp_path / "npy", "--format", "npy", "--no-intermediates",
                       "--no-timing").returncode == 0
-    assert [p.name for p in (tmp_path / "npy").iterdir()] == ["logits.npy"]
+    assert sorted(p.name for p in (tmp_path / "npy").iterdir()) == ["engine.json", "logits.npy"]
+    assert json.loads((tmp_path / "npy" / "engine.json").read_text()) == {"dtype": "float64"}
     npy = np.load(tmp_path / "npy" / "logits.npy")
     assert npy.dtype == np.float32 and np.array_equal(npy, raw)
 
@@ -300,7 +301,7 @@ def test_fail_two_files(models, tmp_path):
     r = run_engine(models["gqa8-8"][0], tmp_path, "--fail", "two-files", "--no-intermediates",
                    "--no-timing", timeout=20)
     assert r.returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["extra.bin", "logits.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.json", "extra.bin", "logits.bin"]
     assert (tmp_path / "extra.bin").read_bytes() == (tmp_path / "logits.bin").read_bytes()
 
 

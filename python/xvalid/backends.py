@@ -4,7 +4,8 @@ compare, run, the CLI's choices and the bench read REGISTRY; a new backend (tran
 CUDA kernel, a reduced-precision variant) is one Backend subclass and one register() call.
 
     name        what it is
-    torch       the PyTorch reference (float32; float64 measures its rounding noise)
+    torch       the PyTorch reference (float32; float64 measures its rounding noise; bfloat16
+                and float16 for half-precision compute, as HF transformers computes in them)
     cpp         the fast C++ kernel (packed AVX2/FMA matmul, fused ops): csrc/kernel/fast/
     cpp-clear   the clear C++ kernel (naive, double-accumulated): csrc/kernel/ops.cpp
 
@@ -16,6 +17,8 @@ Every backend provides (Backend):
     profile(ids, mask, repeat) -> per-op times under shared op names (reference.OPS), or None
                                   where the backend has no op timers
     info() -> how it was built (versions, instruction set), for reports
+A spec's compute_dtypes say what a backend can compute in (compare --dtype); one that computes
+in float32 only is still run at a half-precision --dtype, and the report says so.
 External engines (separate processes) live in engines.py.
 """
 
@@ -79,9 +82,15 @@ class Backend(abc.ABC):
 class BackendSpec:
     name: str
     summary: str
-    create: Callable[[Path, ModelFile], Backend]  # (model file path, the parsed file)
+    create: Callable[..., Backend]  # (model file path, the parsed file); for a compute dtype
+                                    # other than float32 in compute_dtypes: (path, file, dtype)
     uses_core: bool = False   # needs the compiled module: start importing it early
-    reference: bool = False   # the float32 reference itself (compare reuses its run)
+    reference: bool = False   # the reference itself (compare reuses its run, in --dtype)
+    compute_dtypes: tuple[str, ...] = ("float32",)  # what it can compute in
+
+    def compute_dtype(self, asked: str) -> str:
+        """What it computes in when `asked` is wanted: that, or float32 when it cannot."""
+        return asked if asked in self.compute_dtypes else "float32"
 
 
 REGISTRY: dict[str, BackendSpec] = {}
@@ -114,11 +123,13 @@ def create_backend(name: str, path: str | os.PathLike, mf: ModelFile) -> Backend
 
 
 class TorchBackend(Backend):
-    """The reference in PyTorch eager (docs/model.md), float32 or float64."""
+    """The reference in PyTorch eager (docs/model.md): float32, float64, bfloat16 or float16.
+    Outputs are numpy arrays, half-precision ones exactly upcast to float32."""
 
     def __init__(self, mf: ModelFile, dtype: str = "float32"):
         from .reference import Reference
         self.name = "torch" if dtype == "float32" else f"torch-{dtype}"
+        self.dtype = dtype
         self.model = Reference(mf, dtype)
 
     def set_threads(self, n: int) -> None:
@@ -128,13 +139,13 @@ class TorchBackend(Backend):
     def forward(self, ids, mask, capture: bool = False):
         sink = {} if capture else None
         logits = self.model.forward(ids, mask, capture=sink)
-        return logits.numpy(), ({k: v.numpy() for k, v in sink.items()} if capture else None)
+        return _numpy(logits), ({k: _numpy(v) for k, v in sink.items()} if capture else None)
 
     def reset_cache(self) -> None:
         self.cache = self.model.new_cache()
 
     def step(self, ids, mask) -> np.ndarray:
-        return self.model.forward(ids, mask, cache=self.cache).numpy()
+        return _numpy(self.model.forward(ids, mask, cache=self.cache))
 
     def profile(self, ids, mask, repeat: int = 1) -> list[dict]:
         """Per-op totals through torch.profiler, under the C++ kernel's op names (reference.
@@ -161,6 +172,12 @@ class TorchBackend(Backend):
     def info(self) -> dict:
         import torch
         return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def _numpy(t) -> np.ndarray:
+    """A torch tensor as numpy; bfloat16 (which numpy lacks) and float16 exactly as float32."""
+    from .reference import upcast
+    return t.to(upcast(t.dtype)).numpy()
 
 
 @contextlib.contextmanager
@@ -257,8 +274,9 @@ class CppBackend(Backend):
         return {"kernel": self.model.kernel, **self.core.build_info()}
 
 
-register(BackendSpec("torch", "PyTorch eager, float32: the reference",
-                     lambda path, mf: TorchBackend(mf, "float32"), reference=True))
+register(BackendSpec("torch", "PyTorch eager, float32 (or --dtype): the reference",
+                     lambda path, mf, dtype="float32": TorchBackend(mf, dtype), reference=True,
+                     compute_dtypes=("float32", "bfloat16", "float16")))
 register(BackendSpec("cpp", "the fast C++ kernel (packed AVX2/FMA matmul, fused ops)",
                      lambda path, mf: CppBackend(path, "fast", "cpp"), uses_core=True))
 register(BackendSpec("cpp-clear", "the clear C++ kernel (naive, double-accumulated)",

@@ -15,6 +15,7 @@ from . import __version__
 from .backends import DEFAULT_BACKENDS, REGISTRY, backend_names
 from .config import PRESETS, ModelConfig
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, XValidError
+from .metrics import COMPUTE_DTYPES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -150,8 +151,10 @@ def convert(model, output, container):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(backend_names()), default="torch", show_default=True,
               help="; ".join(f"{s.name}: {s.summary}" for s in REGISTRY.values()))
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True, help="Reference precision (torch backend only).")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
+              default="float32", show_default=True,
+              help="Compute dtype (torch backend only; half-precision logits are written as "
+                   "float32).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("logits.npy"), show_default=True, help="Logits (B,S,V) as .npy")
 @click.option("--intermediates", type=click.Path(file_okay=False, path_type=Path),
@@ -165,7 +168,7 @@ def run(model, backend, dtype, output, intermediates, threads):
     from .modelfile import read_model
 
     if backend != "torch" and dtype != "float32":
-        raise click.UsageError("--dtype float64 is for the torch backend only")
+        raise click.UsageError(f"--dtype {dtype} is for the torch backend only")
     mf = read_model(model)
     if intermediates is not None:  # read_model checked the memory of a forward without them
         check_forward_memory(mf.config, mf.batch_size, mf.seq_len, True, where=f"{model}: ")
@@ -236,8 +239,11 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--engine-output", metavar="FILE", help="The engine's logits file name in {out}.")
 @click.option("--engine-timeout", type=click.FloatRange(min=0, min_open=True), default=300,
               show_default=True, help="Seconds before an engine is killed.")
-@click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance [derived from the "
-              "reference's float32-vs-float64 noise]")
+@click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default="float32", show_default=True,
+              help="What the candidates compute in (engines get it as {dtype}): the budget is "
+                   "derived from PyTorch's own error in it (docs/engines.md).")
+@click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance [derived from "
+              "PyTorch's own error in --dtype against float64]")
 @click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance [0]")
 @click.option("--decode", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also prefill S-N tokens, decode N one at a time, compare each step.")
@@ -256,8 +262,8 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("-q", "--quiet", is_flag=True,
               help="Print one line per failing candidate (with the reason), then the verdict.")
 @click.pass_context
-def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, rtol, decode,
-            threads, warmup, repeat, intermediates, plot, json_path, save_logits, quiet):
+def compare(ctx, model, backends, engines, engine_output, engine_timeout, dtype, atol, rtol,
+            decode, threads, warmup, repeat, intermediates, plot, json_path, save_logits, quiet):
     """Compare MODEL's candidates with the PyTorch reference; exit 0 pass, 1 mismatch."""
     if any(REGISTRY[name].uses_core for name in backends):
         from .backends import start_loading_core
@@ -269,7 +275,7 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, atol, 
 
     if not backends and not engines:
         raise click.UsageError("nothing to compare: give --backends and/or --engine")
-    opts = CompareOptions(backends=backends, engines=engines, engine_output=engine_output,
+    opts = CompareOptions(dtype=dtype, backends=backends, engines=engines, engine_output=engine_output,
                           engine_timeout=engine_timeout, atol=atol, rtol=rtol, decode=decode,
                           threads=threads, warmup=warmup, repeat=repeat,
                           intermediates=intermediates, argv=_compare_argv(ctx))
@@ -307,6 +313,8 @@ def _compare_argv(ctx: click.Context) -> list[str]:
     for flag in ("engine_output", "atol", "rtol", "threads"):
         if p[flag] is not None:
             argv += [f"--{flag.replace('_', '-')}", str(p[flag])]
+    if p["dtype"] != "float32":
+        argv += ["--dtype", p["dtype"]]
     if p["decode"]:
         argv += ["--decode", str(p["decode"])]
     return argv

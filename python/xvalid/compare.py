@@ -1,7 +1,10 @@
 """`xvalid compare`: candidates against the PyTorch reference.
 
 Reference: torch float32; torch float64 measures the float32 reference's own rounding noise,
-from which the default tolerance is derived (metrics.POLICIES). For each candidate (built-in
+from which the default tolerance is derived (metrics.POLICIES). With a half-precision compute
+dtype (--dtype bfloat16 or float16) torch also runs in that dtype, the budget is derived from
+its error against float64 instead, and every candidate is compared with the float64 reference
+(the exact answer) on the same terms. For each candidate (built-in
 backends and external engines) the report holds: logit metrics on unpadded rows, a verdict,
 the first divergent intermediate when intermediates exist, decode drift (--decode N; the same
 check for backends and engines, and an explicit "not supported" for an engine that cannot
@@ -15,6 +18,7 @@ xvalid bench validates every cell of its grid with the same steps.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shlex
 import time
@@ -26,10 +30,11 @@ import numpy as np
 from . import __version__
 from .backends import (BUILTIN_BACKENDS, DEFAULT_BACKENDS, Backend, BackendSpec, TorchBackend,
                        get_spec, load_core)
-from .engines import (DECODE_FILES, PROTOCOL_VERSION, EngineRequest, EngineResult,
-                      ExternalEngine, make_engines)
+from .engines import (DECODE_FILES, ENGINE_INFO_FILE, PROTOCOL_VERSION, EngineRequest,
+                      EngineResult, ExternalEngine, make_engines)
 from .errors import EXIT_ENGINE, EXIT_FAIL, EXIT_PASS, EngineError, InputError
-from .metrics import POLICIES, TolerancePolicy, logit_metrics, tensor_error, within
+from .metrics import (COMPUTE_DTYPES, POLICIES, TolerancePolicy, logit_metrics, tensor_error,
+                      tensor_rmse, within)
 from .modelfile import ModelFile, read_model
 from .reference import intermediate_names
 from .timing import Timing, time_call
@@ -40,6 +45,8 @@ REPORT_SCHEMA_VERSION = 2
 
 @dataclass
 class CompareOptions:
+    dtype: str = "float32"  # the compute dtype of the candidates (metrics.COMPUTE_DTYPES);
+                            # a half dtype adds a torch run in it to the reference
     backends: tuple[str, ...] = DEFAULT_BACKENDS
     engines: tuple[str, ...] = ()
     engine_output: str | None = None
@@ -65,6 +72,7 @@ class Candidate:
     error: str | None = None  # the engine failed to produce output
     engine: ExternalEngine | None = None
     result: EngineResult | None = None  # what the engine wrote (engines only)
+    compute: dict | None = None  # {"asked", "actual" (None: unknown), "source"}: compute_dtype()
     report: dict = field(default_factory=dict)
 
 
@@ -76,17 +84,24 @@ def split_name(name: str) -> tuple[int | None, str]:
     return None, name
 
 
-def intermediate_budgets(ref32: dict, ref64: dict, keep: np.ndarray, policy) -> dict:
-    """Per intermediate, once per run: (max |reference|, float32-vs-float64 noise, budget)."""
-    budgets = {}
-    for name, ref in ref32.items():
-        noise, scale = tensor_error(ref64[name], ref, keep)  # scale: max |float32 reference|
-        budgets[name] = (scale, noise, policy.atol(noise, scale))
+def intermediate_budgets(ref: "ReferenceRun", policy: TolerancePolicy) -> dict:
+    """Per intermediate, once per run: (max |reference|, noise, budget, RMSE budget or None).
+    noise: max |PyTorch in the compute dtype - float64|; scale: max |the judged reference|."""
+    budgets, keep, half = {}, ref.keep, ref.half
+    for name, target in ref.target_intermediates.items():
+        if half:
+            noise, scale = tensor_error(ref.intermediates_half[name], target, keep)
+            rmse = policy.rmse_max(tensor_rmse(ref.intermediates_half[name], target, keep))
+        else:
+            noise, scale = tensor_error(ref.intermediates64[name], target, keep)
+            rmse = None
+        budgets[name] = (scale, noise, policy.atol(noise, scale), rmse)
     return budgets
 
 
 def divergence(cand: dict, ref32: dict, budgets: dict, keep: np.ndarray, names: list[str]) -> dict:
-    """Per intermediate: error vs the float32 reference and its budget; the first over budget.
+    """Per intermediate: error vs the judged reference (float32; float64 for a half dtype) and
+    its budget (and RMSE budget, half dtypes); the first over budget.
     Also what was not compared: how many of the expected points exist, the layers with none,
     and the names before the first divergence that the candidate did not write (the bug may
     be there: the first divergence is the first among the points compared)."""
@@ -100,9 +115,12 @@ def divergence(cand: dict, ref32: dict, budgets: dict, keep: np.ndarray, names: 
             continue
         layer, point = split_name(name)
         error, _ = tensor_error(cand[name], ref32[name], keep)
-        scale, noise, budget = budgets[name]
+        scale, noise, budget, rmse_budget = budgets[name]
         row = {"name": name, "layer": layer, "point": point, "error": error, "scale": scale,
                "noise": noise, "budget": budget, "diverged": bool(not error <= budget)}
+        if rmse_budget is not None:
+            row.update(rmse=tensor_rmse(cand[name], ref32[name], keep), rmse_budget=rmse_budget)
+            row["diverged"] = row["diverged"] or not row["rmse"] <= rmse_budget
         points.append(row)
         if row["diverged"] and first is None:
             first = row
@@ -115,10 +133,11 @@ def divergence(cand: dict, ref32: dict, budgets: dict, keep: np.ndarray, names: 
 
 
 def decode_drift(decoded: np.ndarray, mask: np.ndarray, reference_logits: np.ndarray,
-                 atol: float, rtol: float) -> dict:
+                 atol: float, rtol: float, rmse_budgets: np.ndarray | None = None) -> dict:
     """The decode check for every candidate, backend or engine. decoded (B, N, V): the logits
     of N one-token steps through the KV cache after a prefill of S-N tokens; step i (1-based)
-    is position S-N+i-1, compared with the reference's full forward there on unpadded rows."""
+    is position S-N+i-1, compared with the reference's full forward there on unpadded rows.
+    rmse_budgets (S,), half dtypes: each position's RMSE bound."""
     S, steps = mask.shape[1], decoded.shape[1]
     rows = []
     for i in range(steps):
@@ -130,8 +149,13 @@ def decode_drift(decoded: np.ndarray, mask: np.ndarray, reference_logits: np.nda
         cand, ref = decoded[keep, i].astype(np.float64), reference_logits[keep, position]
         diff = np.abs(cand - ref)
         diff[~np.isfinite(cand)] = np.inf
-        rows.append({"step": i + 1, "position": position, "max_abs": float(diff.max()),
-                     "pass": bool(within(diff, ref, atol, rtol).all())})
+        row = {"step": i + 1, "position": position, "max_abs": float(diff.max()),
+               "pass": bool(within(diff, ref, atol, rtol).all())}
+        if rmse_budgets is not None:
+            row.update(rmse=float(np.sqrt(np.mean(diff ** 2))),
+                       rmse_budget=float(rmse_budgets[position]))
+            row["pass"] = row["pass"] and row["rmse"] <= row["rmse_budget"]
+        rows.append(row)
     first = next((r for r in rows if not r["pass"]), None)
     return {"status": "pass" if first is None else "fail", "prefill": S - steps, "steps": rows,
             "pass": first is None, "first_failing_step": first["step"] if first else None}
@@ -171,13 +195,18 @@ def repro_command(mf: ModelFile, model: Path, opts: CompareOptions) -> str:
 @dataclass
 class ReferenceRun:
     """The torch reference on one input: float32 (what candidates are compared with) and
-    float64 (which measures the float32 reference's own rounding noise)."""
+    float64 (which measures the float32 reference's own rounding noise). With a half compute
+    dtype also torch in that dtype, whose error against float64 sets the budget; candidates
+    are then compared with float64."""
 
     logits: np.ndarray                  # float32 reference, (B, S, V)
     logits64: np.ndarray                # float64 reference, (B, S, V)
     mask: np.ndarray                    # (B, S) 0/1
     intermediates: dict | None = None   # float32, by name, when captured
     intermediates64: dict | None = None
+    dtype: str = "float32"              # the compute dtype (metrics.COMPUTE_DTYPES)
+    logits_half: np.ndarray | None = None       # torch in `dtype` when half, as float32 values
+    intermediates_half: dict | None = None
 
     @property
     def keep(self) -> np.ndarray:
@@ -185,8 +214,49 @@ class ReferenceRun:
         return self.mask.astype(bool)
 
     @property
+    def half(self) -> bool:
+        return self.dtype != "float32"
+
+    @property
+    def torch_logits(self) -> np.ndarray:
+        """PyTorch's own result in the compute dtype."""
+        return self.logits_half if self.half else self.logits
+
+    @property
+    def target(self) -> np.ndarray:
+        """What candidates are compared with: the float32 reference, float64 for a half dtype."""
+        return self.logits64 if self.half else self.logits
+
+    @property
+    def target_intermediates(self) -> dict | None:
+        return self.intermediates64 if self.half else self.intermediates
+
+    @property
+    def torch_intermediates(self) -> dict | None:
+        return self.intermediates_half if self.half else self.intermediates
+
+    @property
     def noise(self) -> float:
-        """Max |float32 - float64| over unpadded rows: the reference's rounding noise."""
+        """Max |PyTorch in the compute dtype - float64| over unpadded rows: its rounding noise
+        (float32: the float32 reference's)."""
+        keep = self.keep
+        return float(np.abs(self.torch_logits[keep] - self.logits64[keep]).max())
+
+    @property
+    def noise_rmse(self) -> float:
+        """RMS of PyTorch's error in the compute dtype against float64, over unpadded rows."""
+        return tensor_rmse(self.torch_logits, self.logits64, self.keep)
+
+    def position_rmse(self) -> np.ndarray:
+        """(S,): the RMS of PyTorch's error at each position, over its unpadded rows (0 where
+        every row is padded): the decode steps' RMSE unit."""
+        keep = self.keep
+        return np.array([tensor_rmse(self.torch_logits[:, p], self.logits64[:, p], keep[:, p])
+                         for p in range(keep.shape[1])])
+
+    @property
+    def noise32(self) -> float:
+        """Max |float32 - float64|: the float32 budget's noise, also in a half-dtype run."""
         keep = self.keep
         return float(np.abs(self.logits[keep] - self.logits64[keep]).max())
 
@@ -196,18 +266,24 @@ class ReferenceRun:
 
 
 def run_reference(ref32: TorchBackend, ref64: TorchBackend, ids: np.ndarray, mask: np.ndarray,
-                  capture: bool) -> ReferenceRun:
-    """Step 1: the float32 and float64 forwards of (ids, mask); intermediates only when asked
-    for (for a large model they are hundreds of MB each)."""
+                  capture: bool, half: TorchBackend | None = None) -> ReferenceRun:
+    """Step 1: the float32 and float64 forwards of (ids, mask), and the half-dtype one when
+    `half` is given; intermediates only when asked for (for a large model they are hundreds
+    of MB each)."""
     logits32, inter32 = ref32.forward(ids, mask, capture=capture)
     logits64, inter64 = ref64.forward(ids, mask, capture=capture)
-    return ReferenceRun(logits32, logits64, np.asarray(mask), inter32, inter64)
+    run = ReferenceRun(logits32, logits64, np.asarray(mask), inter32, inter64)
+    if half is not None:
+        run.dtype = half.dtype
+        run.logits_half, run.intermediates_half = half.forward(ids, mask, capture=capture)
+    return run
 
 
 @dataclass(frozen=True)
 class Tolerance:
-    """The budget every candidate is judged by: atol from the reference's noise (metrics.
-    POLICIES) unless given, rtol as given or the policy's."""
+    """The budget every candidate is judged by: atol from PyTorch's noise in the compute dtype
+    (metrics.POLICIES) unless given, rtol as given or the policy's; for a half dtype also an
+    RMSE bound (unless --atol is given: then the budget is the user's alone)."""
 
     atol: float
     rtol: float
@@ -215,44 +291,96 @@ class Tolerance:
     noise: float    # ReferenceRun.noise
     absmax: float   # ReferenceRun.absmax
     policy: TolerancePolicy = POLICIES["float32"]
+    rmse_max: float | None = None     # half dtypes: policy.rmse_factor x noise_rmse
+    noise_rmse: float | None = None   # half dtypes: ReferenceRun.noise_rmse
+    float32_atol: float | None = None  # half dtypes: the float32 budget of the same run
+
+    @property
+    def half(self) -> bool:
+        return self.policy.dtype != "float32"
+
+    def atol_source(self) -> str:
+        p = self.policy
+        if self.atol_given:
+            return "--atol"
+        if not self.half:
+            return (f"max({p.noise_factor:g} x reference noise, "
+                    f"{p.atol_floor:g} x max(1, max|logits|))")
+        noise_term = f"{p.noise_factor:g} x PyTorch {p.dtype} error vs float64 ({self.noise:.2g})"
+        if p.noise_factor * self.noise >= p.atol_floor * max(1.0, self.absmax):
+            return noise_term
+        return f"{p.atol_floor:g} x max(1, max|logits|) (one {p.dtype} ulp; {noise_term} is less)"
 
     def to_json(self) -> dict:
-        p = self.policy
-        return {"dtype": p.dtype, "atol": self.atol, "rtol": self.rtol,
-                "atol_source": "--atol" if self.atol_given else
-                f"max({p.noise_factor:g} x reference noise, "
-                f"{p.atol_floor:g} x max(1, max|logits|))",
-                "reference_noise": self.noise, "reference_absmax": self.absmax}
+        out = {"dtype": self.policy.dtype, "atol": self.atol, "rtol": self.rtol,
+               "atol_source": self.atol_source(), "reference_noise": self.noise,
+               "reference_absmax": self.absmax,
+               "compared_with": "float64" if self.half else "float32"}
+        if self.half:
+            out.update(rmse_max=self.rmse_max, reference_noise_rmse=self.noise_rmse,
+                       float32_atol=self.float32_atol)
+            if self.rmse_max is not None:
+                out["rmse_source"] = (f"{self.policy.rmse_factor:g} x PyTorch {self.policy.dtype}"
+                                      f" RMSE vs float64 ({self.noise_rmse:.2g})")
+        return out
 
 
 def derive_tolerance(ref: ReferenceRun, atol: float | None = None,
                      rtol: float | None = None) -> Tolerance:
-    policy = POLICIES["float32"]
+    """The budget of ref's compute dtype (metrics.POLICIES)."""
+    policy = POLICIES[ref.dtype]
     noise, absmax = ref.noise, ref.absmax
-    return Tolerance(atol if atol is not None else policy.atol(noise, absmax),
-                     rtol if rtol is not None else policy.rtol, atol is not None, noise, absmax,
-                     policy)
+    tol = Tolerance(atol if atol is not None else policy.atol(noise, absmax),
+                    rtol if rtol is not None else policy.rtol, atol is not None, noise, absmax,
+                    policy)
+    if not ref.half:
+        return tol
+    noise_rmse = ref.noise_rmse
+    return dataclasses.replace(
+        tol, noise_rmse=noise_rmse,
+        rmse_max=None if atol is not None else policy.rmse_max(noise_rmse),
+        float32_atol=POLICIES["float32"].atol(ref.noise32, absmax))
 
 
-def load_backend(spec: BackendSpec, model: Path, mf: ModelFile) -> tuple[Backend, float]:
-    """A registered backend and its load time in ms (the compiled module is imported, and in
-    an editable install rebuilt, before the clock starts)."""
+def load_backend(spec: BackendSpec, model: Path, mf: ModelFile,
+                 dtype: str = "float32") -> tuple[Backend, float]:
+    """A registered backend, in `dtype` when it can compute in it (else float32), and its load
+    time in ms (the compiled module is imported, and in an editable install rebuilt, before
+    the clock starts)."""
     if spec.uses_core:
         load_core()
+    actual = spec.compute_dtype(dtype)
     start = time.perf_counter()
-    backend = spec.create(model, mf)
+    backend = spec.create(model, mf) if actual == "float32" else spec.create(model, mf, actual)
     return backend, (time.perf_counter() - start) * 1e3
 
 
 def run_backend(spec: BackendSpec, model: Path, mf: ModelFile, threads: int,
-                capture: bool) -> tuple[Candidate, Backend]:
+                capture: bool, dtype: str = "float32") -> tuple[Candidate, Backend]:
     """Load a registered backend (timed apart from the forward) and run the file's inputs."""
-    backend, load_ms = load_backend(spec, model, mf)
+    backend, load_ms = load_backend(spec, model, mf, dtype)
     backend.set_threads(threads)
     logits, inter = backend.forward(mf.input_ids, mf.attention_mask, capture=capture)
     cand = Candidate(spec.name, "backend", logits, inter)
     cand.report["load_ms"] = load_ms
     return cand, backend
+
+
+def compute_dtype(asked: str, spec: BackendSpec | None = None,
+                  engine: ExternalEngine | None = None, result: EngineResult | None = None
+                  ) -> dict:
+    """What a candidate computes in, and how we know: a backend's registry entry; an engine's
+    engine.json, else its command's {dtype} placeholder; float32 assumed for an engine that
+    says nothing when float32 is asked; otherwise unknown (actual None, reported unchecked)."""
+    if spec is not None:
+        return {"asked": asked, "actual": spec.compute_dtype(asked), "source": "backend"}
+    if result is not None and result.dtype is not None:
+        return {"asked": asked, "actual": result.dtype, "source": "engine.json"}
+    if engine.takes_dtype:
+        return {"asked": asked, "actual": asked, "source": "{dtype} in its command"}
+    if asked == "float32":
+        return {"asked": asked, "actual": "float32", "source": "assumed (the protocol's default)"}
+    return {"asked": asked, "actual": None, "source": "unknown"}
 
 
 def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, int, int],
@@ -264,7 +392,9 @@ def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, int, int],
         result = cand.result = engine.run(model.resolve(), shape, request, shapes)
     except EngineError as exc:
         cand.error = str(exc)
+        cand.compute = compute_dtype(request.dtype, engine=engine)
         return cand
+    cand.compute = compute_dtype(request.dtype, engine=engine, result=result)
     cand.logits = result.logits
     cand.decode_logits = result.decode_logits
     if result.intermediates or result.unknown_intermediates:
@@ -277,23 +407,25 @@ def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, int, int],
 
 
 def run_candidates(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
-                   engines: list[ExternalEngine], ref32: TorchBackend, ref: ReferenceRun,
+                   engines: list[ExternalEngine], torch_ref: TorchBackend, ref: ReferenceRun,
                    torch_load_ms: float, request: EngineRequest, progress
                    ) -> tuple[list[Candidate], dict[str, Backend]]:
     """Step 2: every candidate's logits (and decode logits with --decode). The torch
-    candidate is the float32 reference run itself. Returns the candidates in report order
-    and the in-process backends by name (for timing)."""
+    candidate is the reference's own run in the compute dtype (torch_ref). Returns the
+    candidates in report order and the in-process backends by name (for timing)."""
     candidates: list[Candidate] = []
     backends: dict[str, Backend] = {}
     for name in opts.backends:
         spec = get_spec(name)
         if spec.reference:
-            cand = Candidate(name, "reference", ref.logits, ref.intermediates)
+            cand = Candidate(name, "reference", ref.torch_logits, ref.torch_intermediates)
             cand.report["load_ms"] = torch_load_ms
-            backends[name] = ref32
+            backends[name] = torch_ref
         else:
             progress(f"running {name}")
-            cand, backends[name] = run_backend(spec, model, mf, threads, opts.intermediates)
+            cand, backends[name] = run_backend(spec, model, mf, threads, opts.intermediates,
+                                               opts.dtype)
+        cand.compute = compute_dtype(opts.dtype, spec=spec)
         if opts.decode:
             progress(f"decoding {name}")
             cand.decode_logits = backends[name].decode(mf.input_ids, mf.attention_mask,
@@ -307,13 +439,15 @@ def run_candidates(model: Path, mf: ModelFile, opts: CompareOptions, threads: in
     return candidates, backends
 
 
-def check_decode(cand: Candidate, ref: ReferenceRun, steps: int, tol: Tolerance) -> dict:
-    """Decode drift of one candidate from its decode logits; an engine that wrote none does
-    not support decode (said, never passed)."""
+def check_decode(cand: Candidate, ref: ReferenceRun, steps: int, tol: Tolerance,
+                 rmse_budgets: np.ndarray | None = None) -> dict:
+    """Decode drift of one candidate from its decode logits, against the judged reference's
+    full forward; an engine that wrote none does not support decode (said, never passed)."""
     if cand.decode_logits is None:
         return decode_not_supported(ref.mask.shape[1] - steps, "not supported by this engine: "
                                     f"it wrote no {' or '.join(DECODE_FILES)}")
-    return decode_drift(cand.decode_logits, ref.mask, ref.logits, tol.atol, tol.rtol)
+    return decode_drift(cand.decode_logits, ref.mask, ref.target, tol.atol, tol.rtol,
+                        rmse_budgets)
 
 
 def judge(candidates: list[Candidate], ref: ReferenceRun, tol: Tolerance, decode_steps: int = 0,
@@ -322,25 +456,30 @@ def judge(candidates: list[Candidate], ref: ReferenceRun, tol: Tolerance, decode
     (when it has intermediates) and decode drift, into cand.report. A candidate's logits may
     cover the first S positions of the reference's only (bench: the prefill of a prompt);
     they are compared there."""
-    budgets = (intermediate_budgets(ref.intermediates, ref.intermediates64, ref.keep, tol.policy)
-               if ref.intermediates is not None else {})
+    budgets = intermediate_budgets(ref, tol.policy) if ref.intermediates is not None else {}
+    # Half dtypes: each decode step's RMSE against PyTorch's own at that position.
+    decode_rmse = (tol.policy.rmse_factor * ref.position_rmse()
+                   if decode_steps and tol.rmse_max is not None else None)
     for cand in candidates:
         r = cand.report
         r.update(name=cand.name, kind=cand.kind)
+        if cand.compute is not None:
+            r["compute_dtype"] = cand.compute
         if cand.error:
             r.update(status="error", error=cand.error)
             continue
         S = cand.logits.shape[1]
         keep = ref.keep[:, :S]
         # The reference row is measured against float64: its own noise, a sanity check.
-        against = (ref.logits64 if cand.kind == "reference" else ref.logits)[:, :S]
-        r["metrics"] = logit_metrics(cand.logits, against, keep, tol.atol, tol.rtol, 2 * tol.atol)
+        against = (ref.logits64 if cand.kind == "reference" else ref.target)[:, :S]
+        r["metrics"] = logit_metrics(cand.logits, against, keep, tol.atol, tol.rtol, 2 * tol.atol,
+                                     tol.rmse_max)
         if cand.intermediates is not None and cand.kind != "reference":
-            r["divergence"] = divergence(cand.intermediates, ref.intermediates, budgets, keep,
-                                         names)
+            r["divergence"] = divergence(cand.intermediates, ref.target_intermediates, budgets,
+                                         keep, names)
         r["status"] = "pass" if r["metrics"]["pass"] else "fail"
         if decode_steps:
-            r["decode"] = check_decode(cand, ref, decode_steps, tol)
+            r["decode"] = check_decode(cand, ref, decode_steps, tol, decode_rmse)
             if r["decode"]["status"] == "fail":
                 r["status"] = "fail"
 
@@ -424,11 +563,19 @@ def build_report(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
 
 def unchecked(candidates: list[Candidate]) -> list[dict]:
     """Checks that were asked for but could not run on a candidate that did run: the verdict
-    covers the checks that ran and the report names these. Today: decode on an engine that
-    wrote no decode output."""
-    return [{"candidate": c.name, "check": "decode", "reason": c.report["decode"]["reason"]}
+    covers the checks that ran and the report names these. Decode on an engine that wrote no
+    decode output; the compute dtype of an engine asked for a half dtype that neither took
+    {dtype} nor wrote engine.json."""
+    out = [{"candidate": c.name, "check": "decode", "reason": c.report["decode"]["reason"]}
+           for c in candidates
+           if c.report.get("decode", {}).get("status") == "not supported"]
+    out += [{"candidate": c.name, "check": "dtype",
+             "reason": f"asked to compute in {c.compute['asked']} (XVALID_DTYPE), but its "
+                       f"command has no {{dtype}} and it wrote no {ENGINE_INFO_FILE}: what it "
+                       f"computed in is unknown"}
             for c in candidates
-            if c.report.get("decode", {}).get("status") == "not supported"]
+            if not c.error and c.compute is not None and c.compute["actual"] is None]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +599,8 @@ def prepare(model: Path, opts: CompareOptions, progress) -> tuple[ModelFile, lis
     seconds spent parsing it)."""
     if opts.decode < 0:
         raise InputError("--decode must be >= 0")
+    if opts.dtype not in COMPUTE_DTYPES:
+        raise InputError(f"--dtype {opts.dtype!r}: choose from {', '.join(COMPUTE_DTYPES)}")
     # Names taken by the built-in candidates and by --save-logits' reference files.
     taken = {*BUILTIN_BACKENDS, "reference", "reference-float64"}
     engines = make_engines(opts.engines, taken, opts.engine_timeout, opts.engine_output)
@@ -476,17 +625,19 @@ def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None
     threads = opts.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
 
-    progress("running the reference (float32 and float64)")
+    half = opts.dtype != "float32"
+    progress(f"running the reference (float32, float64{f' and {opts.dtype}' if half else ''})")
     start = time.perf_counter()
-    ref32 = TorchBackend(mf, "float32")
+    torch_ref = TorchBackend(mf, opts.dtype)  # the torch candidate: PyTorch in the compute dtype
     torch_load_ms = (parse_s + time.perf_counter() - start) * 1e3
+    ref32 = TorchBackend(mf, "float32") if half else torch_ref
     ref = run_reference(ref32, TorchBackend(mf, "float64"), mf.input_ids, mf.attention_mask,
-                        opts.intermediates)
+                        opts.intermediates, torch_ref if half else None)
     tol = derive_tolerance(ref, opts.atol, opts.rtol)
 
     request = EngineRequest(mf.seq_len, opts.decode, threads, opts.repeat, opts.warmup,
-                            opts.intermediates)
-    candidates, backends = run_candidates(model, mf, opts, threads, engines, ref32, ref,
+                            opts.intermediates, opts.dtype)
+    candidates, backends = run_candidates(model, mf, opts, threads, engines, torch_ref, ref,
                                           torch_load_ms, request, progress)
     progress("computing metrics")
     judge(candidates, ref, tol, opts.decode, intermediate_names(mf.config.num_hidden_layers))

@@ -1,20 +1,23 @@
 """External engines: any program that reads a model file and writes logits (docs/engines.md).
 
-Protocol version 2 (version 1 is the seed's `ENGINE MODEL OUTDIR` with logits only, and
-still works unchanged). The command template gets placeholders substituted (shell-quoted) and
-runs in a shell with {out} a fresh empty directory; the same values are in its environment:
+Protocol version 3 (version 1 is the seed's `ENGINE MODEL OUTDIR` with logits only, version 2
+added decode, intermediates, threads and timing, version 3 the compute dtype; each still works
+unchanged). The command template gets placeholders substituted (shell-quoted) and runs in a
+shell with {out} a fresh empty directory; the same values are in its environment:
 
   {model} {out}                                 the model file, the output directory
   {decode}   XVALID_DECODE_STEPS                N decode steps asked for (0: none)
   {prefill}  XVALID_PREFILL                     S - N tokens to prefill before decoding
   {threads}  XVALID_THREADS, OMP_NUM_THREADS    thread count
   {repeat}   XVALID_REPEAT, {warmup} XVALID_WARMUP   timed forwards and untimed ones before
+  {dtype}    XVALID_DTYPE                       the compute dtype: float32, bfloat16, float16
              XVALID_INTERMEDIATES               1: write {out}/intermediates/, 0: skip them
-             XVALID_PROTOCOL                    2
+             XVALID_PROTOCOL                    3
 
 Outputs, all in {out}: the logits (B,S,V) as the one .npy/.bin file (or --engine-output),
 intermediates/NAME.npy (optional), decode_logits.npy or .bin (B,N,V) when asked to decode
-(optional: absent means "decode not supported"), timing.json (optional).
+(optional: absent means "decode not supported"), timing.json (optional), engine.json
+(optional: {"dtype": what it computed in}).
 
 ExternalEngine.run() does one run and returns an EngineResult; ExternalEngine.time_process()
 times the whole process for an engine that reports no timing. Nothing here judges results.
@@ -39,14 +42,17 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EngineError, InputError
+from .metrics import COMPUTE_DTYPES
 from .timing import Timing
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 NPY_MAGIC = b"\x93NUMPY"
 INTERMEDIATES_DIR = "intermediates"
 TIMING_FILE = "timing.json"
+ENGINE_INFO_FILE = "engine.json"
 DECODE_FILES = ("decode_logits.npy", "decode_logits.bin")  # reserved: never taken for logits
-PLACEHOLDERS = ("model", "out", "decode", "prefill", "threads", "repeat", "warmup")
+PLACEHOLDERS = ("model", "out", "decode", "prefill", "threads", "repeat", "warmup", "dtype")
+ENGINE_DTYPES = ("float64", *COMPUTE_DTYPES)  # what engine.json may say it computed in
 
 # --engine NAME=CMD: a name is these characters up to the first '='.
 ENGINE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -178,6 +184,25 @@ class EngineTiming:
         return timing
 
 
+def read_engine_dtype(path: Path) -> str | None:
+    """The "dtype" of an engine's engine.json (None when it has none); EngineError when the
+    file is not a JSON object or the dtype is not one of ENGINE_DTYPES."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EngineError(f"{ENGINE_INFO_FILE}: unreadable ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise EngineError(f"{ENGINE_INFO_FILE}: not valid JSON ({exc.msg}: line {exc.lineno}, "
+                          f"column {exc.colno})") from None
+    if not isinstance(doc, dict):
+        raise EngineError(f"{ENGINE_INFO_FILE}: expected a JSON object, got {type(doc).__name__}")
+    dtype = doc.get("dtype")
+    if dtype is not None and dtype not in ENGINE_DTYPES:
+        raise EngineError(f"{ENGINE_INFO_FILE}: dtype must be one of {', '.join(ENGINE_DTYPES)}, "
+                          f"got {dtype!r}")
+    return dtype
+
+
 def written_files(out: Path) -> str:
     """What an engine left in `out`, for error messages: 'logits.bin, intermediates/ (27 files)'."""
     entries = []
@@ -261,18 +286,20 @@ class EngineRequest:
     repeat: int = 1              # forwards to time, for an engine that times itself
     warmup: int = 0
     intermediates: bool = True   # whether compare reads them (an engine may skip them if 0)
+    dtype: str = "float32"       # the compute dtype asked for (compare --dtype)
 
     def values(self) -> dict[str, str]:
         return {"decode": str(self.decode_steps), "prefill": str(self.seq_len - self.decode_steps),
                 "threads": str(self.threads), "repeat": str(self.repeat),
-                "warmup": str(self.warmup)}
+                "warmup": str(self.warmup), "dtype": self.dtype}
 
     def environment(self) -> dict[str, str]:
         v = self.values()
         return {"XVALID_PROTOCOL": str(PROTOCOL_VERSION), "XVALID_DECODE_STEPS": v["decode"],
                 "XVALID_PREFILL": v["prefill"], "XVALID_THREADS": v["threads"],
                 "OMP_NUM_THREADS": v["threads"], "XVALID_REPEAT": v["repeat"],
-                "XVALID_WARMUP": v["warmup"], "XVALID_INTERMEDIATES": str(int(self.intermediates))}
+                "XVALID_WARMUP": v["warmup"], "XVALID_INTERMEDIATES": str(int(self.intermediates)),
+                "XVALID_DTYPE": v["dtype"]}
 
 
 @dataclass
@@ -287,6 +314,7 @@ class EngineResult:
     process_ms: float                        # wall time of the whole process
     files: str = ""                          # what it wrote, as written_files() lists it
     logits_file: str = ""
+    dtype: str | None = None                 # what engine.json says it computed in, if it does
 
 
 @dataclass
@@ -302,6 +330,11 @@ class ExternalEngine:
     def __post_init__(self):
         if "{out}" not in self.template:
             raise InputError(f"--engine {self.template!r}: the command must contain {{out}}")
+
+    @property
+    def takes_dtype(self) -> bool:
+        """Its command passes the compute dtype on ({dtype}): that declares it computes in it."""
+        return "{dtype}" in self.template
 
     def command(self, model: Path, out: Path, request: EngineRequest) -> str:
         values = {"model": str(model), "out": str(out), **request.values()}
@@ -338,8 +371,10 @@ class ExternalEngine:
             decoded = self._decode_logits(out, (B, request.decode_steps, V))
         timing = (EngineTiming.read(out / TIMING_FILE, request.decode_steps)
                   if (out / TIMING_FILE).is_file() else None)
+        dtype = (read_engine_dtype(out / ENGINE_INFO_FILE)
+                 if (out / ENGINE_INFO_FILE).is_file() else None)
         return EngineResult(logits, decoded, intermediates, unknown, timing, process_ms,
-                            written_files(out), path.name)
+                            written_files(out), path.name, dtype)
 
     def _decode_logits(self, out: Path, shape: tuple[int, int, int]) -> np.ndarray | None:
         found = [out / name for name in DECODE_FILES if (out / name).is_file()]
@@ -375,7 +410,8 @@ class ExternalEngine:
     def time_process(self, model: Path, request: EngineRequest) -> Timing:
         """For an engine that reports no timing: `request.repeat` whole runs (load included),
         each into a fresh directory, asked for no decode and no intermediates."""
-        quiet = EngineRequest(request.seq_len, 0, request.threads, 1, 0, intermediates=False)
+        quiet = EngineRequest(request.seq_len, 0, request.threads, 1, 0, intermediates=False,
+                              dtype=request.dtype)
         samples = []
         for _ in range(request.repeat):
             with tempfile.TemporaryDirectory(prefix="xvalid-engine-") as tmp:

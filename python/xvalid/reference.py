@@ -1,7 +1,11 @@
 """The PyTorch reference forward pass: exactly docs/model.md, as short as the math.
 
-Runs in float32 (the reference candidates are compared against) or float64 (to measure the
-float32 reference's own rounding noise). Prefill and incremental decode share one forward:
+Runs in float32 (the reference candidates are compared against), float64 (the exact answer,
+which measures the float32 reference's own rounding noise), or a half-precision compute dtype
+(bfloat16, float16) the way PyTorch and HF transformers' Llama compute in it: weights and RoPE
+tables cast to the dtype, matmuls, RoPE, SiLU and residual adds in the dtype (PyTorch's CPU
+matmul accumulates in float32 and rounds once), RMSNorm's normalisation and the softmax in
+float32, each cast back (HF's LlamaRMSNorm and eager attention). Prefill and incremental decode share one forward:
 with a KVCache, the new tokens take positions p0.. where p0 = tokens already cached, and the
 attention mask covers cached + new keys. Named intermediates (docs/intermediates.md) are
 recorded into a dict when one is passed as `capture`.
@@ -19,7 +23,14 @@ import torch.nn.functional as F
 
 from .modelfile import LayerWeights, ModelFile, check_inputs
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def upcast(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the float32 islands (RMSNorm, softmax, outputs): at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 # The op names of the per-op profile, shared with the C++ kernel's timers (csrc/kernel/
 # profile.h), in forward order. forward() labels its ops with them for torch.profiler while
@@ -36,7 +47,7 @@ def op(name: str):
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise in (at least) fp32, cast back to the activation dtype, then scale."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = x.to(upcast(x.dtype))
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
@@ -48,14 +59,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q, k, v, bias, n_rep: int) -> torch.Tensor:
-    """q (B,S,NH,hd); k, v (B,T,KVH,hd); bias (B,1,S,T) additive. Returns (B,S,NH,hd).
+    """q (B,S,NH,hd); k, v (B,T,KVH,hd); bias (B,1,S,T) additive, in upcast(q.dtype).
+    Returns (B,S,NH,hd).
 
-    Query head h reads kv head h // n_rep (GQA), hence repeat_interleave.
+    Query head h reads kv head h // n_rep (GQA), hence repeat_interleave. The scores are
+    computed in q's dtype and the softmax in (at least) float32, cast back before @ v, as HF's
+    eager attention does; the masks are added in float32 too (-1e9 overflows float16).
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k.repeat_interleave(n_rep, dim=2),
                                           v.repeat_interleave(n_rep, dim=2)))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias  # (B,NH,S,T)
-    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B,NH,S,T)
+    weights = torch.softmax(scores.to(bias.dtype) + bias, dim=-1).to(q.dtype)
+    return (weights @ v).transpose(1, 2)
 
 
 def attention_bias(mask: torch.Tensor, p0: int, S: int, dtype: torch.dtype) -> torch.Tensor:
@@ -116,7 +131,7 @@ class Reference:
         keep = capture.__setitem__ if capture is not None else (lambda name, t: None)
         ids, mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.uint8))
         cos, sin = self.cos[p0:p0 + S], self.sin[p0:p0 + S]
-        bias = attention_bias(mask, p0, S, self.dtype)
+        bias = attention_bias(mask, p0, S, upcast(self.dtype))
 
         with op("embedding"):
             x = self.embed[ids]

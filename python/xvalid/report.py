@@ -126,6 +126,12 @@ def _share(used: float) -> str:
     return f"{used * 100:.3g}%" if used < 10 else f"{used:.3g}x"
 
 
+def budget_share(metrics: dict) -> float:
+    """The larger share of a candidate's budgets: the elementwise atol and, for a half dtype,
+    the RMSE bound."""
+    return max(metrics["budget_used"], metrics.get("rmse_budget_used") or 0.0)
+
+
 def _speed(ratio: float | None) -> str:
     """Median time relative to torch, in words."""
     if ratio is None:
@@ -173,6 +179,9 @@ def failure_reasons(cand: dict, tol: dict) -> list[str]:
         if x["budget_used"] > 1:
             reasons.append(f"logits max abs {_g(x['max_abs'])} at {_at(x['max_abs_at'])} > atol "
                            f"{tol['atol']:.2e}")
+        if (x.get("rmse_budget_used") or 0) > 1:
+            reasons.append(f"logits RMSE {_g(x['rmse'])} > {_g(tol['rmse_max'])} "
+                           f"({tol['rmse_source']})")
         if top1["agree"] != top1["decisive_rows"]:
             reasons.append(f"top-1 differs on {top1['decisive_rows'] - top1['agree']} of "
                            f"{top1['decisive_rows']} decisive rows")
@@ -187,18 +196,66 @@ def failure_reasons(cand: dict, tol: dict) -> list[str]:
     return reasons
 
 
-def unchecked_line(report: dict) -> str | None:
-    """'decode not checked: eng (not supported ...)'; None when every asked check ran."""
-    if not report["unchecked"]:
-        return None
+def _by_reason(entries: list[dict]) -> str:
     by_reason: dict[str, list[str]] = {}
-    for u in report["unchecked"]:
+    for u in entries:
         by_reason.setdefault(u["reason"], []).append(u["candidate"])
-    items = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
-    checked = [c["name"] for c in report["candidates"]
-               if c["kind"] != "reference" and c.get("decode", {}).get("status") in ("pass", "fail")]
-    none = "" if checked else f"no candidate checked --decode {report['decode_steps']}; "
-    return f"{none}decode not checked: {items}"
+    return "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
+
+
+def unchecked_line(report: dict) -> str | None:
+    """'decode not checked: eng (not supported ...)', 'compute dtype not verified: eng (...)';
+    None when every asked check ran."""
+    parts = []
+    decode = [u for u in report["unchecked"] if u["check"] == "decode"]
+    if decode:
+        checked = [c["name"] for c in report["candidates"] if c["kind"] != "reference"
+                   and c.get("decode", {}).get("status") in ("pass", "fail")]
+        none = "" if checked else f"no candidate checked --decode {report['decode_steps']}; "
+        parts.append(f"{none}decode not checked: {_by_reason(decode)}")
+    dtype = [u for u in report["unchecked"] if u["check"] == "dtype"]
+    if dtype:
+        parts.append(f"compute dtype not verified: {_by_reason(dtype)}")
+    return "; ".join(parts) or None
+
+
+def tolerance_line(tol: dict) -> str:
+    """The budget and where it comes from, in the compute dtype."""
+    if tol["dtype"] == "float32":
+        return (f"tolerance: atol {tol['atol']:.2e} ({tol['atol_source']}; reference noise "
+                f"float32 vs float64 {tol['reference_noise']:.2e}), rtol {tol['rtol']:g}")
+    rmse = (f", RMSE <= {tol['rmse_max']:.2e} ({tol['rmse_source']})"
+            if tol.get("rmse_max") is not None else "")
+    return (f"tolerance (compute dtype {tol['dtype']}): atol {tol['atol']:.2e} "
+            f"({tol['atol_source']}){rmse}, rtol {tol['rtol']:g}; candidates vs the float64 "
+            f"reference")
+
+
+def compute_notes(report: dict) -> list[str]:
+    """One line per candidate that does not compute in the dtype asked for (or does not say),
+    with what its verdict then means. Nothing when every candidate computes in it."""
+    tol, lines = report["tolerance"], []
+    for cand in report["candidates"]:
+        c = cand.get("compute_dtype")
+        if c is None or c["actual"] == c["asked"]:
+            continue
+        name, asked, actual = cand["name"], c["asked"], c["actual"]
+        if actual is None:
+            lines.append(f"{name}: compute dtype unknown (asked {asked} via XVALID_DTYPE; its "
+                         f"command has no {{dtype}} and it wrote no engine.json): judged at the "
+                         f"{asked} budget all the same")
+        elif actual in ("float32", "float64") and asked in ("bfloat16", "float16"):
+            tighter = (f"; its float32 budget would be {tol['float32_atol']:.2e}, "
+                       f"{tol['atol'] / tol['float32_atol']:.3g}x tighter"
+                       if tol.get("float32_atol") else "")
+            lines.append(f"{name} computes in {actual}, not {asked} ({c['source']}): held to the "
+                         f"{asked} budget, which a correct {actual} kernel meets with room to "
+                         f"spare{tighter}. This checks what it computes, not its {asked} "
+                         f"rounding; --dtype float32 holds it to its own precision")
+        else:
+            lines.append(f"{name} computes in {actual}, not {asked} ({c['source']}): judged at "
+                         f"the {asked} budget")
+    return lines
 
 
 def quiet_lines(report: dict, model: Path) -> list[str]:
@@ -227,35 +284,43 @@ def print_compare(report: dict, out: Console = console) -> None:
                   f"V={c['vocab_size']} | B={m['batch_size']} S={m['seq_len']} "
                   f"({_plural(m['unpadded_rows'], 'unpadded row')}, {m['padded_rows']} padded) | "
                   f"{_plural(report['threads'], 'thread')}")
-    out.print(f"tolerance: atol {tol['atol']:.2e} ({tol['atol_source']}; reference noise "
-                  f"float32 vs float64 {tol['reference_noise']:.2e}), rtol {tol['rtol']:g}")
+    out.print(tolerance_line(tol))
 
     decode_asked = bool(report["decode_steps"])
-    table = Table(title="logits vs reference (torch float32; the torch row: vs float64)",
-                  title_justify="left")
-    columns = ["candidate", "max abs", "at", "mean abs", "RMSE", "max rel", "cosine", "NMSE",
-               "KL mean/max", "top-1", "budget"] + ["decode"] * decode_asked + ["verdict"]
+    half = tol["dtype"] != "float32"
+    show_dtype = half or any((c.get("compute_dtype") or {}).get("actual") in ("bfloat16", "float16")
+                             for c in report["candidates"])
+    title = ("logits vs reference (torch float64, the exact answer; budget from torch "
+             f"{tol['dtype']})" if half else
+             "logits vs reference (torch float32; the torch row: vs float64)")
+    table = Table(title=title, title_justify="left")
+    columns = (["candidate"] + ["computes in"] * show_dtype +
+               ["max abs", "at", "mean abs", "RMSE", "max rel", "cosine", "NMSE",
+                "KL mean/max", "top-1", "budget"] + ["decode"] * decode_asked + ["verdict"])
     for col in columns:
-        table.add_column(col, justify="left" if col in ("candidate", "at", "decode", "verdict")
-                         else "right")
+        table.add_column(col, justify="left" if col in ("candidate", "computes in", "at",
+                                                         "decode", "verdict") else "right")
     for cand in report["candidates"]:
         status = STATUS_STYLE[cand["status"]]
+        dtype = [_dtype_cell(cand.get("compute_dtype"))] * show_dtype
         if "metrics" not in cand:  # the engine did not run
-            table.add_row(cand["name"], "[yellow]did not run (below)[/]",
-                          *[""] * (len(columns) - 3), status)
+            table.add_row(cand["name"], *dtype, "[yellow]did not run (below)[/]",
+                          *[""] * (len(columns) - 3 - show_dtype), status)
             continue
         x = cand["metrics"]
         top1 = x["top1"]
         nan = x["nonfinite"]
         table.add_row(
-            cand["name"] + (" (ref)" if cand["kind"] == "reference" else ""),
+            cand["name"] + (" (ref)" if cand["kind"] == "reference" else ""), *dtype,
             _g(x["max_abs"]), _at(x["max_abs_at"]), _g(x["mean_abs"]), _g(x["rmse"]),
             _g(x["max_rel"]), "-" if x["cosine"] is None else f"{x['cosine']:.9f}", _g(x["nmse"]),
             f"{_g(x['kl_mean'])}/{_g(x['kl_max'])}",
-            f"{top1['agree']}/{top1['decisive_rows']}", _share(x["budget_used"]),
+            f"{top1['agree']}/{top1['decisive_rows']}", _share(budget_share(x)),
             *[_decode_cell(cand.get("decode"))] * decode_asked,
             status + (f" [red]{nan['count']} NaN/Inf, first at {nan['first']}[/]" if nan else ""))
     out.print(table)
+    for line in compute_notes(report):
+        out.print(f"[yellow]{line}[/]")
 
     for cand in report["candidates"]:
         if cand["status"] == "error":
@@ -278,7 +343,7 @@ def print_compare(report: dict, out: Console = console) -> None:
     note = unchecked_line(report)
     failing = [c["name"] for c in report["candidates"] if c["status"] != "pass"]
     if verdict == "pass":
-        worst = max(c["metrics"]["budget_used"] for c in report["candidates"])
+        worst = max(budget_share(c["metrics"]) for c in report["candidates"])
         scope = f"; [yellow]{note}[/]" if note else ""
         out.print(f"verdict: {STATUS_STYLE['pass']} ({_plural(len(report['candidates']), 'candidate')} "
                       f"within atol {tol['atol']:.2e}; worst uses {_share(worst)} of the budget"
@@ -294,6 +359,16 @@ def print_compare(report: dict, out: Console = console) -> None:
         if note:
             out.print(f"  [yellow]{note}[/]")
         out.print(f"reproduce: {report['repro']}")
+
+
+def _dtype_cell(compute: dict | None) -> str:
+    """The table's 'computes in' column: the dtype, yellow when not the one asked for."""
+    if compute is None:
+        return "-"
+    if compute["actual"] is None:
+        return "[yellow]unknown[/]"
+    return compute["actual"] if compute["actual"] == compute["asked"] else \
+        f"[yellow]{compute['actual']}[/]"
 
 
 def print_decode(cand: dict, out: Console = console) -> None:
@@ -368,7 +443,10 @@ def print_divergence(name: str, div: dict, out: Console = console) -> None:
     if first is None:
         out.print(f"{name}: no divergence: every intermediate within its budget ({coverage})")
         return
-    detail = f"max abs {_g(first['error'])} > budget {_g(first['budget'])}"
+    detail = (f"max abs {_g(first['error'])} > budget {_g(first['budget'])}"
+              if not first["error"] <= first["budget"] else
+              f"RMSE {_g(first['rmse'])} > budget {_g(first['rmse_budget'])}, max abs "
+              f"{_g(first['error'])} within {_g(first['budget'])}")
     out.print(f"{name}: [bold red]first divergence: {_where(first)}[/] "
               f"({first['name']}: {detail}; {coverage})")
     missing = div["not_compared_before_first"]

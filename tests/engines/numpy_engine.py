@@ -7,8 +7,8 @@ cache. It reads a model file in the seed's JSON layout and follows the engine pr
 docs/engines.md, version 2:
 
     python numpy_engine.py MODEL OUT_DIR [--bug NAME] [--format raw|npy] [--output-name FILE]
-                           [--no-intermediates] [--dtype float32|float64] [--fail MODE]
-                           [--decode N] [--no-timing] [--seed-style]
+                           [--no-intermediates] [--dtype float64|float32|bfloat16|float16]
+                           [--fail MODE] [--decode N] [--no-timing] [--seed-style]
 
     OUT_DIR/logits.bin                raw little-endian float32 (B,S,V), no header (--format raw)
     OUT_DIR/logits.npy                a real .npy of the same                         (--format npy)
@@ -18,6 +18,14 @@ docs/engines.md, version 2:
                                       $XVALID_DECODE_STEPS, else 0: nothing written)
     OUT_DIR/timing.json               load_ms, forward_ms ($XVALID_REPEAT forwards after
                                       $XVALID_WARMUP untimed ones), prefill_ms, decode_ms, threads
+    OUT_DIR/engine.json               {"dtype": the compute dtype it ran in}
+
+--dtype is the compute dtype (default float64, the exact answer). bfloat16 and float16 are
+emulated the way PyTorch's CPU kernels compute them: every array is stored as float32 and
+each operation's result is rounded to the dtype (round to nearest even); matmuls accumulate
+in float32 and round once; RMSNorm's normalisation and the softmax stay in float32 (as HF's
+Llama does). --bug half-accumulate accumulates dot products in the half dtype instead,
+rounding after every addition: one rounding step worse than PyTorch, which compare must fail.
 
 XVALID_INTERMEDIATES=0 in the environment skips the intermediates. --seed-style behaves like
 the seed's engines (protocol version 1): raw float32 logits only, the environment ignored.
@@ -54,7 +62,11 @@ BUGS = {
     "kv-cache-position": "a one-token decode step does not advance the cache position: from "
                          "the second decode step on, the token reuses the previous position "
                          "and cache slot (the full forward is unaffected)",
+    "half-accumulate": "matmuls accumulate in the compute dtype, rounded after every addition, "
+                       "instead of in float32 (needs --dtype bfloat16 or float16)",
 }
+COMPUTE_DTYPES = ("float64", "float32", "bfloat16", "float16")
+HALF_DTYPES = ("bfloat16", "float16")
 FAIL_MODES = {
     "exit3": "print a message to stderr, exit 3, write nothing",
     "sleep": "sleep 60 s, then run normally",
@@ -91,13 +103,53 @@ class Config:
                    norm_eps=c["rms_norm_eps"])
 
 
-def rmsnorm(x, weight, eps, use_weight=True):
-    """x (..., H) * rsqrt(mean(x^2) + eps), then * weight (H)."""
-    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-    return y * weight if use_weight else y
+def round_bfloat16(x):
+    """float32 array -> the nearest bfloat16 values (ties to even), still as float32: add half
+    a bfloat16 ulp minus one (0x7FFF) plus the lowest kept bit to the bits, keep the top 16."""
+    x = np.asarray(x, np.float32)
+    bits = x.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return np.where(np.isnan(x), x, rounded.view(np.float32))  # a NaN's payload must not carry
 
 
-def rope(x, cos, sin, interleaved=False):
+def round_float16(x):
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+class Arithmetic:
+    """The compute dtype. float64 and float32: numpy's own arithmetic. bfloat16 and float16:
+    arrays stored as float32, each op's result rounded to the dtype by round(); matmul
+    accumulates in float32 and rounds once, like PyTorch's CPU kernels, or, with
+    accumulate_in_dtype (the half-accumulate bug), rounds the running sum after every term."""
+
+    def __init__(self, dtype="float64", accumulate_in_dtype=False):
+        self.dtype = dtype
+        self.storage = np.dtype(np.float64 if dtype == "float64" else np.float32)
+        self.round = {"bfloat16": round_bfloat16, "float16": round_float16}.get(dtype, lambda x: x)
+        self.accumulate_in_dtype = accumulate_in_dtype
+
+    def matmul(self, a, b):
+        """a (..., M, K) @ b (..., K, N) -> (..., M, N), rounded to the dtype."""
+        if not self.accumulate_in_dtype:
+            return self.round(a @ b)
+        out = np.zeros(np.broadcast_shapes(a.shape[:-1], b.shape[:-2] + (1,)) + b.shape[-1:],
+                       self.storage)
+        for k in range(a.shape[-1]):  # products of half values are exact in float32
+            out = self.round(out + a[..., :, k, None] * b[..., k, None, :])
+        return out
+
+
+EXACT = Arithmetic("float64")
+
+
+def rmsnorm(x, weight, eps, use_weight=True, ar=EXACT):
+    """x (..., H) * rsqrt(mean(x^2) + eps), then * weight (H). The normalisation is computed in
+    the storage dtype (float32 for a half dtype) and rounded once, then the weight multiplies."""
+    y = ar.round(x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+    return ar.round(y * weight) if use_weight else y
+
+
+def rope(x, cos, sin, interleaved=False, ar=EXACT):
     """Rotate x (B,T,heads,hd) by position; cos, sin (T,hd) rows for this call's positions.
 
     Rotate-half (the spec): dimension j pairs with j + hd/2,
@@ -106,14 +158,15 @@ def rope(x, cos, sin, interleaved=False):
     """
     half = x.shape[-1] // 2
     c, s = cos[None, :, None, :], sin[None, :, None, :]      # (1,S,1,hd)
+    r = ar.round                                             # each product and sum rounded
     if not interleaved:
         x1, x2 = x[..., :half], x[..., half:]
-        return x * c + np.concatenate([-x2, x1], axis=-1) * s
+        return r(r(x * c) + r(np.concatenate([-x2, x1], axis=-1) * s))
     c, s = c[..., :half], s[..., :half]                      # frequency i for pair i
     xe, xo = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
-    out[..., 0::2] = xe * c - xo * s
-    out[..., 1::2] = xo * c + xe * s
+    out[..., 0::2] = r(r(xe * c) - r(xo * s))
+    out[..., 1::2] = r(r(xo * c) + r(xe * s))
     return out
 
 
@@ -123,34 +176,35 @@ def softmax(s):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q, k, v, kv_head, attention_mask=None, lookahead=0, p0=0):
+def attention(q, k, v, kv_head, attention_mask=None, lookahead=0, p0=0, ar=EXACT):
     """Causal multi-head attention with grouped kv heads, for T new queries after P cached keys.
 
     q (B,T,NH,hd) at positions p0..p0+T-1; k, v (B,P+T,KVH,hd) for positions 0..P+T-1 (cached,
     then new); kv_head (NH,) int: query head h reads kv head kv_head[h]; attention_mask
     (B,P+T) 1 = keep, 0 = pad, or None. Key j is visible to query i if j <= p0 + i + lookahead.
-    Returns o (B,T,NH,hd).
+    Returns o (B,T,NH,hd). Scores and outputs in the compute dtype, the masks and the softmax
+    in the storage dtype (float32 for a half dtype: -1e9 overflows float16).
     """
     T, n_keys, hd = q.shape[1], k.shape[1], q.shape[3]
     qh = q.transpose(0, 2, 1, 3)                             # (B,NH,T,hd)
     kh = k[:, :, kv_head].transpose(0, 2, 3, 1)              # (B,NH,hd,P+T)
     vh = v[:, :, kv_head].transpose(0, 2, 1, 3)              # (B,NH,P+T,hd)
-    scores = (qh @ kh) / math.sqrt(hd)                       # (B,NH,T,P+T), divide as written
+    scores = ar.round(ar.matmul(qh, kh) / math.sqrt(hd))     # (B,NH,T,P+T), divide as written
     # causal: -inf where key j is after query i (+ lookahead)
     i, j = np.arange(T)[:, None], np.arange(n_keys)[None, :]
     scores = np.where(j > p0 + i + lookahead, -np.inf, scores)
     # padding: -1e9 on padded keys, for every query row
     if attention_mask is not None:
         scores = scores + np.where(attention_mask[:, None, None, :] == 0, -1e9, 0.0).astype(scores.dtype)
-    return (softmax(scores) @ vh).transpose(0, 2, 1, 3)      # (B,T,NH,hd)
+    return ar.matmul(ar.round(softmax(scores)), vh).transpose(0, 2, 1, 3)   # (B,T,NH,hd)
 
 
-def swiglu(m, w_gate, w_up, w_down):
+def swiglu(m, w_gate, w_up, w_down, ar=EXACT):
     """m (B,S,H) -> gate, up (B,S,I) and out = (silu(gate) * up) Wdown^T (B,S,H).
     With the tied head, these three matmuls are most of forward's time at MiniMind sizes."""
-    gate, up = m @ w_gate.T, m @ w_up.T
-    silu = gate / (1.0 + np.exp(-gate))                      # z * sigmoid(z)
-    return gate, up, (silu * up) @ w_down.T
+    gate, up = ar.matmul(m, w_gate.T), ar.matmul(m, w_up.T)
+    silu = ar.round(gate / (1.0 + np.exp(-gate)))           # z * sigmoid(z)
+    return gate, up, ar.matmul(ar.round(silu * up), w_down.T)
 
 
 class KVCache:
@@ -161,11 +215,11 @@ class KVCache:
         self.k, self.v, self.length = [None] * n_layers, [None] * n_layers, 0
 
 
-def step(cfg, w, cos, sin, ids, mask, cache, bug=None, record=lambda name, a: None):
+def step(cfg, w, cos, sin, ids, mask, cache, bug=None, record=lambda name, a: None, ar=EXACT):
     """Append ids (B,T) to the cache at positions p0..p0+T-1 (p0 = cache.length) and return
-    their logits (B,T,V) in the weights' dtype. w: the file's weights dict, already cast;
-    cos, sin (max_pos,hd); mask (B, >= p0+T): columns 0..p0+T-1 (cached keys, then new) are
-    used. record(name, array) sees every intermediate of this call."""
+    their logits (B,T,V) in the weights' dtype. w: the file's weights dict, already cast (and
+    rounded to ar's dtype); cos, sin (max_pos,hd); mask (B, >= p0+T): columns 0..p0+T-1
+    (cached keys, then new) are used. record(name, array) sees every intermediate of this call."""
     B, T = ids.shape
     p0 = cache.length
     NH, KVH, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -184,16 +238,16 @@ def step(cfg, w, cos, sin, ids, mask, cache, bug=None, record=lambda name, a: No
     for l, lw in enumerate(w["layers"]):
         p = f"layer{l}."
         # attention rmsnorm
-        a = rmsnorm(x, lw["rms_attn"], cfg.norm_eps, use_norm_weight)
+        a = rmsnorm(x, lw["rms_attn"], cfg.norm_eps, use_norm_weight, ar)
         record(p + "attn_norm", a)
         # qkv matmuls (nn.Linear: W is (out, in))
-        q = (a @ lw["wq"].T).reshape(B, T, NH, hd)
-        k = (a @ lw["wk"].T).reshape(B, T, KVH, hd)
-        v = (a @ lw["wv"].T).reshape(B, T, KVH, hd)
+        q = ar.matmul(a, lw["wq"].T).reshape(B, T, NH, hd)
+        k = ar.matmul(a, lw["wk"].T).reshape(B, T, KVH, hd)
+        v = ar.matmul(a, lw["wv"].T).reshape(B, T, KVH, hd)
         # RoPE on q and k
-        q = rope(q, cos, sin, interleaved)
+        q = rope(q, cos, sin, interleaved, ar)
         if bug != "rope-k-missing":                          # BUG rope-k-missing
-            k = rope(k, cos, sin, interleaved)
+            k = rope(k, cos, sin, interleaved, ar)
         record(p + "q", q)
         record(p + "k", k)
         record(p + "v", v)
@@ -203,65 +257,70 @@ def step(cfg, w, cos, sin, ids, mask, cache, bug=None, record=lambda name, a: No
             v = np.concatenate([cache.v[l][:, :p0], v], axis=1)
         cache.k[l], cache.v[l] = k, v
         # attention, then the output projection over head-major concatenated heads
-        o = attention(q, k, v, kv_head, attn_mask, lookahead, p0)   # (B,T,NH,hd)
+        o = attention(q, k, v, kv_head, attn_mask, lookahead, p0, ar)   # (B,T,NH,hd)
         record(p + "attn_heads", o)
-        attn_out = o.reshape(B, T, NH * hd) @ lw["wo"].T        # (B,T,H)
+        attn_out = ar.matmul(o.reshape(B, T, NH * hd), lw["wo"].T)      # (B,T,H)
         if bug == "attn-lost":                               # BUG attn-lost
             attn_out = np.zeros_like(attn_out)
         record(p + "attn_out", attn_out)
         # residual
-        x = x + attn_out
+        x = ar.round(x + attn_out)
         record(p + "attn_residual", x)
         # ffn rmsnorm and SwiGLU
-        m = rmsnorm(x, lw["rms_ffn"], cfg.norm_eps, use_norm_weight)
+        m = rmsnorm(x, lw["rms_ffn"], cfg.norm_eps, use_norm_weight, ar)
         record(p + "ffn_norm", m)
-        gate, up, ffn_out = swiglu(m, lw["w_gate"], lw["w_up"], lw["w_down"])
+        gate, up, ffn_out = swiglu(m, lw["w_gate"], lw["w_up"], lw["w_down"], ar)
         record(p + "gate", gate)
         record(p + "up", up)
         record(p + "ffn_out", ffn_out)
         # residual
-        x = x + ffn_out
+        x = ar.round(x + ffn_out)
         record(p + "residual", x)
 
     stuck = bug == "kv-cache-position" and T == 1 and p0 > 0   # BUG kv-cache-position
     cache.length = p0 + T - (1 if stuck else 0)
     # final rmsnorm and the tied head
-    x = rmsnorm(x, w["final_rms"], cfg.norm_eps, use_norm_weight)
+    x = rmsnorm(x, w["final_rms"], cfg.norm_eps, use_norm_weight, ar)
     record("final_norm", x)
-    logits = x @ w["lm_head"].T                              # (B,T,V)
+    logits = ar.matmul(x, w["lm_head"].T)                    # (B,T,V)
     if bug == "nan":                                         # BUG nan
         logits[0, -1, 0] = np.nan
     record("logits", logits)
     return logits
 
 
-def forward(cfg, w, cos, sin, ids, mask, bug=None, record=lambda name, a: None):
+def forward(cfg, w, cos, sin, ids, mask, bug=None, record=lambda name, a: None, ar=EXACT):
     """The whole sequence from an empty cache: logits (B,S,V)."""
-    return step(cfg, w, cos, sin, ids, mask, KVCache(cfg.n_layers), bug, record)
+    return step(cfg, w, cos, sin, ids, mask, KVCache(cfg.n_layers), bug, record, ar)
 
 
-def decode(cfg, w, cos, sin, ids, mask, n_prefill, bug=None):
+def decode(cfg, w, cos, sin, ids, mask, n_prefill, bug=None, ar=EXACT):
     """Prefill n_prefill tokens, then one token a step through the KV cache, as the protocol
     asks: logits (B, S - n_prefill, V), prefill ms, [ms per step]."""
     cache = KVCache(cfg.n_layers)
     start = time.perf_counter()
-    step(cfg, w, cos, sin, ids[:, :n_prefill], mask, cache, bug)
+    step(cfg, w, cos, sin, ids[:, :n_prefill], mask, cache, bug, ar=ar)
     prefill_ms = (time.perf_counter() - start) * 1e3
     steps, step_ms = [], []
     for t in range(n_prefill, ids.shape[1]):
         start = time.perf_counter()
-        steps.append(step(cfg, w, cos, sin, ids[:, t:t + 1], mask, cache, bug))
+        steps.append(step(cfg, w, cos, sin, ids[:, t:t + 1], mask, cache, bug, ar=ar))
         step_ms.append((time.perf_counter() - start) * 1e3)
     return np.concatenate(steps, axis=1), prefill_ms, step_ms
 
 
+def map_tree(node, fn):
+    """fn applied to every array in a (nested) weights dict/list."""
+    if isinstance(node, dict):
+        return {k: map_tree(v, fn) for k, v in node.items()}
+    if isinstance(node, list):
+        return [map_tree(v, fn) for v in node]
+    return fn(node)
+
+
 def cast_tree(node, dtype):
     """Every array in a (nested) weights dict/list, cast to dtype."""
-    if isinstance(node, dict):
-        return {k: cast_tree(v, dtype) for k, v in node.items()}
-    if isinstance(node, list):
-        return [cast_tree(v, dtype) for v in node]
-    return np.asarray(node, dtype=dtype)
+    return map_tree(node, lambda a: np.asarray(a, dtype=dtype))
 
 
 def write_logits(path, logits, fmt, fail=None):
@@ -298,13 +357,29 @@ def load_model(path, dtype):
     return cfg, weights, cos, sin, ids, mask
 
 
+def arithmetic(dtype, bug=None):
+    """The Arithmetic of a compute dtype; ValueError for half-accumulate without a half dtype."""
+    if bug == "half-accumulate" and dtype not in HALF_DTYPES:
+        raise ValueError(f"--bug half-accumulate needs --dtype bfloat16 or float16, not {dtype}")
+    return Arithmetic(dtype, accumulate_in_dtype=bug == "half-accumulate")
+
+
+def load_in(path, ar):
+    """load_model in ar's storage dtype, the weights and RoPE tables rounded to its compute
+    dtype (as PyTorch casts a model to bfloat16 or float16)."""
+    cfg, weights, cos, sin, ids, mask = load_model(path, ar.storage)
+    return cfg, map_tree(weights, ar.round), ar.round(cos), ar.round(sin), ids, mask
+
+
 def run_model(path, dtype="float64", bug=None, intermediates=True):
     """The file's inputs through forward: logits (B,S,V) and {name: intermediate} (empty
-    unless asked for), in `dtype`. Tests call this in-process as an independent reference."""
-    cfg, weights, cos, sin, ids, mask = load_model(path, dtype)
+    unless asked for), computed in `dtype` (COMPUTE_DTYPES). Tests call this in-process as an
+    independent reference."""
+    ar = arithmetic(dtype, bug)
+    cfg, weights, cos, sin, ids, mask = load_in(path, ar)
     captured = {}
     record = captured.__setitem__ if intermediates else (lambda name, a: None)
-    return forward(cfg, weights, cos, sin, ids, mask, bug, record), captured
+    return forward(cfg, weights, cos, sin, ids, mask, bug, record, ar), captured
 
 
 def parse_args(argv):
@@ -321,8 +396,9 @@ def parse_args(argv):
     p.add_argument("--output-name", metavar="FILE", help="logits file name (default logits.bin / logits.npy)")
     p.add_argument("--no-intermediates", action="store_true",
                    help="do not write OUT_DIR/intermediates/ (also: XVALID_INTERMEDIATES=0)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float64",
-                   help="internal precision (default float64); outputs are float32")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float64",
+                   help="compute dtype (default float64; bfloat16, float16 emulated, see above); "
+                        "outputs are float32")
     p.add_argument("--fail", choices=sorted(FAIL_MODES), metavar="MODE",
                    help="simulate a protocol failure (below)")
     p.add_argument("--decode", type=int, default=None, metavar="N",
@@ -356,8 +432,13 @@ def main(argv=None):
     if args.fail == "sleep":
         time.sleep(60)
 
+    try:
+        ar = arithmetic(args.dtype, args.bug)
+    except ValueError as exc:
+        print(f"numpy_engine: error: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    cfg, weights, cos, sin, ids, mask = load_model(args.model, args.dtype)
+    cfg, weights, cos, sin, ids, mask = load_in(args.model, ar)
     load_ms = (time.perf_counter() - start) * 1e3
     S = ids.shape[1]
     if not 0 <= args.decode < S:
@@ -367,7 +448,7 @@ def main(argv=None):
 
     captured = {}
     record = (lambda name, a: None) if args.no_intermediates else captured.__setitem__
-    logits = forward(cfg, weights, cos, sin, ids, mask, args.bug, record)
+    logits = forward(cfg, weights, cos, sin, ids, mask, args.bug, record, ar)
 
     os.makedirs(args.out_dir, exist_ok=True)
     ext = "npy" if args.format == "npy" else "bin"
@@ -383,20 +464,23 @@ def main(argv=None):
     prefill_ms = decode_ms = None
     if args.decode:
         decoded, prefill_ms, decode_ms = decode(cfg, weights, cos, sin, ids, mask, S - args.decode,
-                                                args.bug)
+                                                args.bug, ar)
         write_logits(os.path.join(args.out_dir, f"decode_logits.{ext}"), decoded, args.format)
     if not args.no_timing:
         for _ in range(env_int("XVALID_WARMUP", 0)):
-            forward(cfg, weights, cos, sin, ids, mask, args.bug)
+            forward(cfg, weights, cos, sin, ids, mask, args.bug, ar=ar)
         forward_ms = []
         for _ in range(max(env_int("XVALID_REPEAT", 1), 1)):
             start = time.perf_counter()
-            forward(cfg, weights, cos, sin, ids, mask, args.bug)
+            forward(cfg, weights, cos, sin, ids, mask, args.bug, ar=ar)
             forward_ms.append((time.perf_counter() - start) * 1e3)
         write_timing(os.path.join(args.out_dir, "timing.json"), load_ms=load_ms,
                      forward_ms=forward_ms, warmup=env_int("XVALID_WARMUP", 0),
                      prefill_ms=prefill_ms, decode_ms=decode_ms,
                      threads=env_int("OMP_NUM_THREADS", None))
+    if not args.seed_style:  # what it computed in, for compare's report (docs/engines.md)
+        with open(os.path.join(args.out_dir, "engine.json"), "w") as f:
+            json.dump({"dtype": args.dtype}, f)
     return 0
 
 
