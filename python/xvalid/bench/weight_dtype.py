@@ -28,7 +28,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..config import ModelConfig
 from ..files import atomic_write
 from ..formatspec import FORMAT_NAME, FORMAT_VERSION, INT8, WEIGHT_DTYPES, WRITTEN_VERSION_PLAIN
 from ..modelfile import STORAGE_DTYPES, LayerWeights, ModelFile, Weights, _document, named_tensors
@@ -122,24 +121,6 @@ def convert(mf: ModelFile, weight_dtype: str, block_size: int = DEFAULT_BLOCK_SI
             {"scheme": "q8_0" if block_size == 32 else "q8", "block_size": block_size}
             if weight_dtype == "int8" else {})
     return dataclasses.replace(mf, weights=weights, meta=meta), stored
-
-
-def weight_bytes_per_token(cfg: ModelConfig, weight_dtype: str,
-                           block_size: int = DEFAULT_BLOCK_SIZE) -> float:
-    """Bytes of weight matrices one decode step reads (each once, the head included; the
-    embedding row and norms left out) when they are stored in weight_dtype: 4, 2 or 1 byte a
-    weight, int8 plus a 4-byte scale per block of each row."""
-    H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
-    q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    # (rows, cols) of every matrix a step reads
-    shapes = [(q_dim, H), (kv_dim, H), (kv_dim, H), (H, q_dim), (I, H), (I, H), (H, I)] * L + [(V, H)]
-    itemsize = STORAGE_DTYPES[weight_dtype].itemsize
-    total = 0.0
-    for rows, cols in shapes:
-        total += rows * cols * itemsize
-        if weight_dtype == "int8":
-            total += rows * math.ceil(cols / min(block_size, cols)) * 4
-    return total
 
 
 # ---------------------------------------------------------------------------------------------
