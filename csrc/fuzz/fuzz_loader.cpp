@@ -36,7 +36,7 @@ static void forward_and_step(const xvalid::ModelFile& file, bool capture) {
     step_in.mask = mask.data();
     step_in.mask_rows = in.B;
     step_in.mask_cols = in.S;
-    xvalid::Transformer transformer(file.config, file.weights);
+    xvalid::Transformer transformer(file.config, file.weights, xvalid::clear_kernel);  // the one linked in
     xvalid::Intermediates captured;
     try {
         transformer.forward(step_in, capture ? &captured : nullptr);
