@@ -139,8 +139,11 @@ static void test_half_conversions() {
 
     // float32 -> float16 against the nearest half found by search, ties to even: random floats
     // over the whole half range (normals, subnormals, the rounding edges near 65504 and 2^-25)
-    std::vector<double> positive(0x7c00);  // values of the positive finite halves, increasing
+    // values of the positive finite halves, increasing, and 65536 for 0x7c00 (inf): the next
+    // step up from 65504, where rounding puts the boundary
+    std::vector<double> positive(0x7c01);
     for (uint32_t h = 0; h < 0x7c00; h++) positive[h] = half_value((uint16_t)h);
+    positive[0x7c00] = 65536.0;
     std::uniform_real_distribution<double> exponent(-27.0, 16.0);
     std::uniform_int_distribution<int> coin(0, 1);
     int rounding_failures = 0;
