@@ -349,8 +349,8 @@ struct Avx2 {
             for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
         for (int b0 = 0, block = 0; b0 < k_vectors; b0 += bs, block++) {
             const int end = std::min(b0 + bs, k_vectors);
-            if ((b0 & 63) < bs)  // one prefetch per row and 64 bytes of it
-                for (int r = 0; r < R; r++) prefetch<DType::q8>(q[r], b0);
+            for (int p = (b0 + 63) / 64 * 64; p < end; p += 64)  // one prefetch per 64 bytes of a row
+                for (int r = 0; r < R; r++) prefetch<DType::q8>(q[r], p);
             if constexpr (MM == 1) {
                 __m256 sum[R];  // this block's q . x per row
                 for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
