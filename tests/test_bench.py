@@ -260,7 +260,7 @@ def test_dtype_axes_make_rows_per_storage_and_compute_dtype(cli, tmp_path):
         assert half["status"] == "ok" and half["weight_bytes_per_token"] == weight_bytes_per_step(cfg, "bfloat16")
         assert half["validation"]["atol"] > 10 * rows["torch", weight_dtype, "float32"]["validation"]["atol"]
     assert "cpp at --dtype bfloat16: not supported (computes in float32 only, not bfloat16)" in result.out
-    assert "cpp int8: decode with int8 weights" in result.out
+    assert "cpp int8: decode tokens/s with int8 weights" in result.out
     with open(out / "bench.csv", newline="") as fp:
         records = list(csv.DictReader(fp))
     assert [(r["backend"], r["weight_dtype"], r["dtype"], r["status"]) for r in records] == [

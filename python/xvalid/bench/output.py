@@ -214,8 +214,8 @@ def weight_dtype_lines(result: BenchResult) -> list[str]:
         cells = ", ".join(f"{format_times(r.vs_float32_weights['decode'])} at B{r.batch} S{r.seq} "
                           f"t{r.threads}" for r in rows)
         megabytes = rows[0].weight_bytes_per_token / 1e6
-        lines.append(f"{label}: decode with {weight_dtype} weights ({megabytes:.1f} MB a step) runs "
-                     f"{cells} the tokens/s with float32 weights" + (f" ({model})" if len(
+        lines.append(f"{label}: decode tokens/s with {weight_dtype} weights ({megabytes:.1f} MB a "
+                     f"step) over float32 weights: {cells}" + (f" ({model})" if len(
                          {m["name"] for m in result.models}) > 1 else ""))
     return lines
 
