@@ -151,6 +151,15 @@ def w_up(doc: dict) -> dict:
     return doc["weights"]["layers"][1]["w_up"]
 
 
+def with_source(doc: dict, weight_dtype="float32", shape=(B, S, 97), nan_at=None) -> None:
+    """The quantisation record: the logits of the model before its weights were converted."""
+    logits = np.linspace(-1, 1, int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    if nan_at is not None:
+        logits[nan_at] = np.nan
+    doc["source"] = {"weight_dtype": weight_dtype, "logits": {"shape": list(shape), "dtype": "float32",
+                                                              "encoding": "base64", "data": b64(logits)}}
+
+
 # storage -> name -> (edit of the JSON document, message after "<path>: "); wq is (80, 80):
 # three Q8 blocks a row, the last partial
 JSON_CASES = {
@@ -196,6 +205,14 @@ JSON_CASES = {
                             "(format version 2 reads float32, float16 or bfloat16 here)"),
         "unknown-vector": (lambda d: d["weights"]["final_rms"].update(dtype="float64"),
                            "weights.final_rms: dtype expected float32, float16 or bfloat16, found 'float64'"),
+        # the quantisation record: not the kernel's, checked so that both loaders refuse alike
+        "source-not-an-object": (lambda d: d.update(source=[1]), "source: expected an object, found [1]"),
+        "source-weight-dtype-number": (lambda d: with_source(d, weight_dtype=32),
+                                       "source.weight_dtype: expected a string, found 32"),
+        "source-logits-shape": (lambda d: with_source(d, shape=(B, S, 96)),
+                                f"source.logits: shape expected [{B}, {S}, 97], found [{B}, {S}, 96]"),
+        "source-logits-nan": (lambda d: with_source(d, nan_at=(2, 4, 5)),
+                              "source.logits: non-finite value nan at index [2, 4, 5] (1 in all)"),
     },
     "float16": {
         "inf-weight": (lambda d: poke(w_up(d), "<u2", (200, 17), 0x7C00),
@@ -230,6 +247,21 @@ def scales_renamed(header: dict) -> None:  # still covering its bytes, owned by 
     header["orphan.scales"] = header.pop("weights.layers[0].wq.scales")
 
 
+def quantization_entry(value):
+    def edit(header: dict) -> None:
+        q = json.loads(header["__metadata__"]["quantization"])
+        q["weights.layers[0].wq"] = value
+        header["__metadata__"]["quantization"] = json.dumps(q)
+    return edit
+
+
+def source_tensor(header: dict, data: bytearray) -> None:  # "source.logits" after the data
+    logits = np.zeros((B, S, 97), np.float32)
+    end = len(data)
+    header["source.logits"] = {"dtype": "F32", "shape": [B, S, 97], "data_offsets": [end, end + logits.nbytes]}
+    data += logits.tobytes()
+
+
 ST_CASES = {
     "no-scales-tensor": (scales_renamed, "weights.layers[0].wq: int8 tensor has no 'scales'"),
     "no-block-size": (quantization_without("weights.layers[0].wq"), "weights.layers[0].wq: int8 tensor has no 'block_size'"),
@@ -238,7 +270,13 @@ ST_CASES = {
     "quantization-not-json": (lambda h: h["__metadata__"].update(quantization="{oops"),
                               "__metadata__.quantization: not valid JSON"),
     "quantization-a-list": (lambda h: h["__metadata__"].update(quantization="[1, 2]"),
-                            "__metadata__.quantization: expected a JSON object, found [1, 2]"),
+                            "__metadata__.quantization: expected an object, found [1, 2]"),
+    "quantization-entry-a-number": (quantization_entry(32), '__metadata__.quantization: weights.layers[0].wq: '
+                                    'expected an object {"block_size": n}, found 32'),
+    "quantization-entry-null": (quantization_entry(None), "weights.layers[0].wq: int8 tensor has no 'block_size'"),
+    "source-metadata-a-list": (lambda h: h["__metadata__"].update(source="[1]"),
+                               "__metadata__.source: expected an object, found [1]"),
+    "source-tensor-without-metadata": (source_tensor, "source.weight_dtype: missing from the model file"),
     "block-size-0": (lambda h: h["__metadata__"].update(quantization=json.dumps(
         {k: {"block_size": 0 if k == "weights.layers[0].wq" else 32}
          for k in json.loads(h["__metadata__"]["quantization"])})),
@@ -284,10 +322,32 @@ def test_bad_typed_safetensors_file_is_refused_in_one_line(typed_files, tmp_path
     path, _, _, _, _ = typed_files("int8", "gqa4-safetensors")
     header, data = st_parts(path)
     edit, message = ST_CASES[name]
-    edit(header)
+    data = bytearray(data)
+    edit(*(header, data)[:edit.__code__.co_argcount])  # an edit of the header, or of header and data
     bad = tmp_path / f"{name}.safetensors"
-    bad.write_bytes(st_build(header, data))
+    bad.write_bytes(st_build(header, bytes(data)))
     assert_refused(bad, message)
+
+
+def test_a_valid_quantisation_record_is_read_past(typed_files, tmp_path):
+    """A file with the record (JSON: the top-level key; safetensors: the tensor and the
+    metadata) loads, and the logits are the same as without it."""
+    path, mf, _, _, _ = typed_files("int8", "gqa4-json")
+    doc = json.loads(path.read_text())
+    with_source(doc)
+    with_record = tmp_path / "source.json"
+    with_record.write_text(json.dumps(doc))
+    st_path, _, _, _, _ = typed_files("int8", "gqa4-safetensors")
+    header, data = st_parts(st_path)
+    data = bytearray(data)
+    source_tensor(header, data)
+    header["__metadata__"]["source"] = json.dumps({"weight_dtype": "float32"})
+    st_record = tmp_path / "source.safetensors"
+    st_record.write_bytes(st_build(header, bytes(data)))
+    for original, changed in ((path, with_record), (st_path, st_record)):
+        want = CppBackend(original, "fast").forward(mf.input_ids, mf.attention_mask)[0]
+        got = CppBackend(changed, "fast").forward(mf.input_ids, mf.attention_mask)[0]
+        np.testing.assert_array_equal(got, want)
 
 
 def test_good_typed_files_load_in_the_runner(typed_files, tmp_path):

@@ -566,6 +566,13 @@ private:
         root["config"] = metadata_json(metadata, "config", true);
         root["meta"] = metadata_json(metadata, "meta", false);
         attach_int8_parts(tensors, metadata_json(metadata, spec::kInt8SafetensorsMetadata, false));
+        if (auto source = metadata.find(spec::kSourceKey); source != metadata.end() && !source->is_null()) {
+            json record = metadata_json(metadata, spec::kSourceKey, false);
+            if (!record.is_object()) {
+                fail(std::string("__metadata__.") + spec::kSourceKey, "expected an object, found " + brief(record));
+            }
+            root[spec::kSourceKey] = std::move(record);  // its logits tensor joins it below
+        }
         std::map<uint64_t, json> layers;
         for (auto& [key, tensor] : tensors) {
             if (!tensor.is_null()) place_tensor(root, layers, key, std::move(tensor));
@@ -593,7 +600,7 @@ private:
     // A missing part is then reported by the checks both containers share.
     void attach_int8_parts(std::vector<std::pair<std::string, json>>& tensors, const json& quantization) const {
         const std::string where = std::string("__metadata__.") + spec::kInt8SafetensorsMetadata;
-        if (!quantization.is_object()) fail(where, "expected a JSON object, found " + brief(quantization));
+        if (!quantization.is_object()) fail(where, "expected an object, found " + brief(quantization));
         const std::string suffix = spec::kInt8SafetensorsScalesSuffix;
         std::map<std::string, json*> by_key;
         for (auto& [key, tensor] : tensors) by_key[key] = &tensor;
@@ -607,11 +614,14 @@ private:
         }
         for (auto& [key, tensor] : tensors) {
             auto entry = quantization.find(key);
-            if (tensor.is_object() && entry != quantization.end() && entry->is_object()) {
-                if (auto size = entry->find(spec::kInt8BlockSizeKey); size != entry->end()) {
-                    tensor[spec::kInt8BlockSizeKey] = *size;
-                }
+            if (!tensor.is_object() || tensor["dtype"] != xvalid::dtype_name(DType::q8) || entry == quantization.end() ||
+                entry->is_null()) {
+                continue;
             }
+            if (!entry->is_object()) {
+                fail(where, cut(key) + ": expected an object {\"" + spec::kInt8BlockSizeKey + "\": n}, found " + brief(*entry));
+            }
+            if (auto size = entry->find(spec::kInt8BlockSizeKey); size != entry->end()) tensor[spec::kInt8BlockSizeKey] = *size;
         }
     }
 
@@ -632,7 +642,9 @@ private:
         size_t dot = key.find('.');
         if (dot == std::string::npos || key.find('.', dot + 1) != std::string::npos) return;
         std::string section = key.substr(0, dot);
-        if (section == "inputs" || section == "rope" || section == "weights") root[section][key.substr(dot + 1)] = std::move(tensor);
+        if (section == "inputs" || section == "rope" || section == "weights" || section == spec::kSourceKey) {
+            root[section][key.substr(dot + 1)] = std::move(tensor);
+        }
     }
 
     ModelFile load(const json& root) {
@@ -645,7 +657,25 @@ private:
         // required, as in the Python reader: every command runs the file's own inputs
         file.inputs = read_inputs(object_member(root, "", "inputs"), file.config);
         check_forward_memory(*file.inputs, file.config);
+        check_source(root, *file.inputs, file.config);
         return file;
+    }
+
+    // The optional quantisation record (spec::kSourceKey): {"weight_dtype": a string, "logits":
+    // float32 (B, S, V), finite}, the logits of the model before its weights were converted.
+    // The kernel does not use it; it is checked so that both loaders refuse the same files.
+    void check_source(const json& root, const Inputs& in, const Config& c) const {
+        const std::string key = spec::kSourceKey;
+        const json* source = find(root, key.c_str());
+        if (!source) return;
+        if (!source->is_object()) fail(key, "expected an object, found " + brief(*source));
+        const json& weight_dtype = member(*source, key, "weight_dtype");
+        if (!weight_dtype.is_string()) fail(key + ".weight_dtype", "expected a string, found " + brief(weight_dtype));
+        TensorEntry logits = entry(*source, key, spec::kSourceLogitsKey, spec::kSourceLogitsDtype);
+        std::vector<int64_t> shape{in.B, in.S, c.vocab_size};
+        if (logits.shape != shape) fail(logits.key, "shape expected " + shape_str(shape) + ", found " + shape_str(logits.shape));
+        std::vector<std::vector<float>> discarded;
+        float32_data(logits, discarded);
     }
 
     [[noreturn]] void fail(const std::string& key, const std::string& what) const {
