@@ -925,7 +925,7 @@ private:
 
     void expect_shape(const TensorEntry& t, const std::vector<int64_t>& expected) const {
         if (t.shape != expected) {
-            fail(t.key, "shape " + shape_str(t.shape) + " does not match the config: expected " + shape_str(expected));
+            fail(t.key, "shape expected " + shape_str(expected) + ", found " + shape_str(t.shape));  // the Python reader's words
         }
     }
 
