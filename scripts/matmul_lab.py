@@ -48,7 +48,7 @@ def build(out_dir: Path) -> Path:
     units = [("matmul.cpp", []), ("matmul_portable.cpp", []), ("matmul_capi.cpp", [])]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-DXVALID_HAVE_AVX2=1")
-        units.append(("matmul_avx2.cpp", ["-mavx2", "-mfma"]))
+        units.append(("matmul_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]))
     objects = []
     for name, extra in units:
         obj = out_dir / (name + ".o")

@@ -4,7 +4,8 @@
 #   1. the C++ tests (ctest): every fast op against the clear one at tile edges, AVX2 and portable;
 #   2. the runner, both kernels, on generated models whose sizes are not multiples of any tile
 #      (hidden 72, head_dim 6, vocab 131, sequences 1, 3 and 33, batch 3, padding);
-#   3. the binding tests (tests/test_core_bindings.py) against the sanitized module.
+#   3. the runner on weights stored as float16, bfloat16 and int8, both containers;
+#   4. the binding tests (tests/test_core_bindings.py) against the sanitized module.
 # Any sanitizer report fails the script. CI runs it (.ci/run); docs/cpp.md has the recipe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,25 @@ for flags in "--hidden 72 --heads 12 --kv-heads 4 --vocab 131 --seq-len 33 --bat
   done
   xvalid compare "$tmp/m.json" --backends torch -q \
     --engine "$build/xvalid-run {model} {out} --intermediates --kernel fast" > /dev/null
+done
+
+echo "sanitize: the runner on typed weights (float16, bfloat16, int8; JSON and safetensors)" >&2
+xvalid generate --hidden 72 --heads 12 --kv-heads 4 --vocab 131 --seq-len 9 --batch-size 3 --pad 2 \
+  --layers 2 --max-pos 16 -o "$tmp/m.json" > /dev/null
+"$venv/bin/python" - "$tmp" <<'PY'
+import sys
+from xvalid.bench.weight_dtype import convert, write_stored
+from xvalid.modelfile import read_model
+mf = read_model(f"{sys.argv[1]}/m.json")
+for weight_dtype, block_size in (("float16", 32), ("bfloat16", 32), ("int8", 32), ("int8", 5)):
+    typed, stored = convert(mf, weight_dtype, block_size)
+    for container in ("json", "safetensors"):
+        write_stored(typed, stored, f"{sys.argv[1]}/typed-{weight_dtype}-{block_size}.{container}", container)
+PY
+for model in "$tmp"/typed-*; do
+  for kernel in fast clear; do
+    "$build/xvalid-run" "$model" "$tmp/out" --intermediates --kernel "$kernel" --threads 2 --decode 3 > /dev/null
+  done
 done
 
 echo "sanitize: binding tests against the sanitized module" >&2

@@ -207,6 +207,109 @@ def test_run_writes_files_that_agree_with_the_table(cli, tmp_path):
     assert md.count("\n| torch |") == 6 and md.count("\n| cpp |") == 6
 
 
+def _matrix_shapes(cfg) -> list[tuple[int, int]]:
+    """(rows, cols) of every matrix a decode step reads, from the model file's layout."""
+    from xvalid.modelfile import layer_shapes
+    layer = [shape for shape in layer_shapes(cfg).values() if len(shape) == 2]
+    return layer * cfg.num_hidden_layers + [(cfg.vocab_size, cfg.hidden_size)]
+
+
+def test_weight_bytes_per_step_per_storage_dtype():
+    """4, 2, 2 bytes a weight; int8 1 byte plus a 4-byte scale per block of 32 of each row
+    (rows of 64 and 192 inputs: 2 and 6 blocks), counted here from the shapes."""
+    import math
+
+    from xvalid.bench.roofs import weight_bytes_per_step
+    cfg = PRESETS["tiny"]
+    shapes = _matrix_shapes(cfg)
+    weights = sum(r * c for r, c in shapes)
+    assert weight_bytes_per_step(cfg, "float16") == weight_bytes_per_step(cfg, "bfloat16") == 2 * weights
+    assert weight_bytes_per_step(cfg, "int8") == weights + sum(4 * r * math.ceil(c / 32) for r, c in shapes)
+    assert weight_bytes_per_step(cfg, "int8", block_size=10**6) == weights + sum(4 * r for r, _ in shapes)
+
+
+def test_dtype_axes_make_rows_per_storage_and_compute_dtype(cli, tmp_path):
+    """--weight-dtype: each storage dtype is a model file of its own, every backend validated
+    at the float32 budget on the values it stores; --dtype bfloat16: torch runs in bfloat16
+    (judged by its own half-precision budget), the C++ kernels' rows say 'not supported'."""
+    from xvalid.bench.roofs import weight_bytes_per_step
+    out = tmp_path / "out"
+    result, doc = bench(cli, out, "--batch", 1, "--seq", 6, "--gen", 2, "--backends", "torch,cpp,cpp-clear",
+                        "--weight-dtype", "float32,int8,float16", "--dtype", "float32,bfloat16")
+    assert result.code == 0, result.out + result.err
+    validate(doc)
+    assert doc["settings"]["weight_dtypes"] == ["float32", "int8", "float16"]
+    assert doc["settings"]["dtypes"] == ["float32", "bfloat16"] and doc["cells_total"] == 6
+    assert [m["weight_dtype"] for m in doc["models"]] == ["float32", "int8", "float16"]
+    rows = {(r["backend"], r["weight_dtype"], r["dtype"]): r for r in doc["rows"]}
+    assert len(rows) == len(doc["rows"]) == 3 * 3 * 2
+    cfg = PRESETS["tiny"]
+    for weight_dtype in ("float32", "int8", "float16"):
+        for backend in ("cpp", "cpp-clear"):
+            ok = rows[backend, weight_dtype, "float32"]
+            assert ok["status"] == "ok" and ok["validation"]["budget_used"] <= 1
+            assert ok["weight_bytes_per_token"] == weight_bytes_per_step(cfg, weight_dtype)
+            assert (ok["vs_float32_weights"] is None) == (weight_dtype == "float32")
+            refused = rows[backend, weight_dtype, "bfloat16"]
+            assert refused["status"] == "unsupported" and refused["valid"] is None
+            assert refused["reason"] == "computes in float32 only, not bfloat16"
+            assert refused["prefill_ms"] is None and refused["decode_ms_per_token"] is None
+        # torch holds the stored values in its compute dtype
+        assert rows["torch", weight_dtype, "float32"]["weight_bytes_per_token"] == weight_bytes_per_step(cfg)
+        half = rows["torch", weight_dtype, "bfloat16"]
+        assert half["status"] == "ok" and half["weight_bytes_per_token"] == weight_bytes_per_step(cfg, "bfloat16")
+        assert half["validation"]["atol"] > 10 * rows["torch", weight_dtype, "float32"]["validation"]["atol"]
+    assert "cpp at --dtype bfloat16: not supported (computes in float32 only, not bfloat16)" in result.out
+    assert "cpp int8: decode tokens/s with int8 weights" in result.out
+    with open(out / "bench.csv", newline="") as fp:
+        records = list(csv.DictReader(fp))
+    assert [(r["backend"], r["weight_dtype"], r["dtype"], r["status"]) for r in records] == [
+        (r["backend"], r["weight_dtype"], r["dtype"], r["status"]) for r in doc["rows"]]
+    assert all(float(r["weight_bytes_per_token"]) > 0 for r in records)
+    md = (out / "bench.md").read_text()
+    assert md.count("not supported") >= 6 and "| weights | dtype |" in md
+
+
+def test_an_int8_backend_that_ignores_the_scales_is_invalid(cli, tmp_path, registered):
+    """The int8 cells are validated like every other: a backend computing with the stored
+    integers as if they were the weights (scales ignored) fails there and is not timed."""
+    import dataclasses
+
+    from xvalid.backends import CppBackend
+    from xvalid.bench.weight_dtype import quantize_q8, write_stored
+    from xvalid.modelfile import named_tensors
+
+    def no_scales(path, mf):
+        if "int8" in Path(path).name:  # the file's integers, every scale 1
+            forms = {}
+            for key, array in named_tensors(mf):
+                if key.startswith("weights.") and array.ndim == 2:
+                    q = quantize_q8(array)  # the stored integers again (mf holds their values)
+                    forms[key] = dataclasses.replace(q, scales=np.ones_like(q.scales))
+            path = Path(str(path) + ".noscales.safetensors")
+            write_stored(mf, forms, path, "safetensors")
+        return CppBackend(path, "fast", "noscales")
+
+    registered("noscales", no_scales)
+    result, doc = bench(cli, tmp_path / "out", "--batch", 1, "--seq", 6, "--gen", 2,
+                        "--backends", "torch,cpp,noscales", "--weight-dtype", "float32,int8")
+    assert result.code == 1, result.out + result.err
+    rows = {(r["backend"], r["weight_dtype"]): r for r in doc["rows"]}
+    assert rows["noscales", "float32"]["status"] == "ok"
+    assert rows["noscales", "int8"]["status"] == "invalid" and rows["noscales", "int8"]["prefill_ms"] is None
+    assert rows["cpp", "int8"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("flag,text,needle", [
+    ("--weight-dtype", "int4", "--weight-dtype 'int4': 'int4' is not one of float32, float16, bfloat16, int8"),
+    ("--dtype", "float32,float64", "--dtype 'float32,float64': 'float64' is not one of float32, bfloat16, float16"),
+    ("--dtype", ",", "--dtype ',': no value"),
+])
+def test_bad_dtype_axes_are_one_line(cli, flag, text, needle):
+    result = cli("bench", *FAST, flag, text)
+    result.assert_one_line_error(2, needle)
+
+
 def test_a_model_file_and_two_thread_counts(cli, tmp_path, tiny_model):
     result = cli("bench", tiny_model, "--repeat", 1, "--warmup", 0, "--min-time", 0,
                  "--threads", "1,2", "--batch", 1, "--seq", 4, "--gen", 0, "--backends", "cpp",

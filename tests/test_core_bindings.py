@@ -106,7 +106,7 @@ LOAD_ERRORS = {
                ["weights.layers[0].w_down", "float8_e4m3 is not supported yet"]),
     "unknown dtype": (lambda d: d["rope"]["cos"].update(dtype="complex7"), ["rope.cos", "dtype expected float32, found 'complex7'"]),
     "wrong encoding": (lambda d: d["weights"]["final_rms"].update(encoding="hex"), ["weights.final_rms", "hex"]),
-    "nan weight": (_nan_weight, ["weights.layers[1].wo", "element 17", "nan"]),
+    "nan weight": (_nan_weight, ["weights.layers[1].wo", "non-finite value nan at index [0, 17]"]),
     "absurd size": (lambda d: d["config"].update(hidden_size=10**9), ["config.hidden_size", "1000000000"]),
     "huge int": (lambda d: d["config"].update(vocab_size=2**70), ["config.vocab_size"]),
     "negative size": (lambda d: d["config"].update(num_hidden_layers=-2), ["config.num_hidden_layers", "-2"]),

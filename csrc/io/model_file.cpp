@@ -21,6 +21,8 @@
 #include <nlohmann/json.hpp>
 
 #include "base64.h"
+#include "kernel/dtype.h"
+
 #include "forward_memory.h"
 #include "limits.h"
 
@@ -35,9 +37,38 @@ using json = nlohmann::json;
 
 using spec::kFormatVersion;  // the newest "format_version" this reader understands
 
-bool is_reserved_dtype(const std::string& name) {
-    return std::any_of(std::begin(spec::kReservedDtypes), std::end(spec::kReservedDtypes),
-                       [&](const char* d) { return name == d; });
+template <size_t N>
+bool listed(const char* const (&list)[N], const std::string& name) {
+    return std::any_of(std::begin(list), std::end(list), [&](const char* d) { return name == d; });
+}
+
+bool is_reserved_dtype(const std::string& name) { return listed(spec::kReservedDtypes, name); }
+
+// The dtypes a weights.* tensor may be stored in: matrices every weight dtype, vectors (the
+// norms) all but the matrix-only ones (int8).
+std::vector<std::string> weight_dtypes(bool matrix) {
+    std::vector<std::string> names;
+    for (const char* d : spec::kWeightDtypes) {
+        if (matrix || !listed(spec::kMatrixOnlyDtypes, d)) names.push_back(d);
+    }
+    return names;
+}
+
+// "float32" or "float32, float16 or bfloat16", as messages (and the Python reader) write a
+// list of dtypes.
+std::string dtype_list(const std::vector<std::string>& names) {
+    std::string text;
+    for (size_t i = 0; i < names.size(); i++) {
+        text += (i == 0 ? "" : i + 1 == names.size() ? " or " : ", ") + names[i];
+    }
+    return text;
+}
+
+DType weight_dtype(const std::string& name) {
+    for (DType d : {DType::f32, DType::f16, DType::bf16, DType::q8}) {
+        if (name == dtype_name(d)) return d;
+    }
+    throw std::logic_error("not a weight dtype: " + name);  // entry() admits only weight_dtypes()
 }
 
 // ---- messages ----
@@ -383,7 +414,9 @@ private:
 // A tensor entry whose dtype and shape have been read, not yet decoded.
 struct TensorEntry {
     std::string key;             // e.g. "weights.layers[1].wk"
+    std::string dtype;           // one of the dtypes allowed where it stands
     std::vector<int64_t> shape;  // each dimension in [0, kMaxDim]
+    const json* node = nullptr;  // the tensor object (for int8: its block_size and scales)
     const std::string* base64;   // the "data" text, or nullptr when it was decoded while parsing
     DecodedData* decoded;        // then: its bytes
     const uint8_t* mapped = nullptr;  // or: a safetensors tensor's bytes in the mapped file
@@ -537,7 +570,7 @@ private:
         size_t data_size = size - 8 - length;
         json root = json::object();
         std::vector<std::tuple<uint64_t, uint64_t, std::string>> spans;
-        std::map<uint64_t, json> layers;
+        std::vector<std::pair<std::string, json>> tensors;  // in header order, placed below
         for (auto it = header.begin(); it != header.end(); ++it) {
             const std::string& key = it.key();
             if (key == "__metadata__") continue;
@@ -581,7 +614,7 @@ private:
             spans.emplace_back(begin, end, key);
             mapped_.push_back({data + begin, (size_t)(end - begin)});
             json tensor = {{"dtype", name}, {"shape", shape}, {"data", json::binary({}, mapped_.size() - 1)}};
-            place_tensor(root, layers, key, std::move(tensor));
+            tensors.emplace_back(key, std::move(tensor));
         }
         std::sort(spans.begin(), spans.end());
         uint64_t covered = 0;
@@ -616,6 +649,18 @@ private:
         }
         root["config"] = metadata_json(metadata, "config", true);
         root["meta"] = metadata_json(metadata, "meta", false);
+        attach_int8_parts(tensors, metadata_json(metadata, spec::kInt8SafetensorsMetadata, false));
+        if (auto source = metadata.find(spec::kSourceKey); source != metadata.end() && !source->is_null()) {
+            json record = metadata_json(metadata, spec::kSourceKey, false);
+            if (!record.is_object()) {
+                fail(std::string("__metadata__.") + spec::kSourceKey, "expected an object, found " + brief(record));
+            }
+            root[spec::kSourceKey] = std::move(record);  // its logits tensor joins it below
+        }
+        std::map<uint64_t, json> layers;
+        for (auto& [key, tensor] : tensors) {
+            if (!tensor.is_null()) place_tensor(root, layers, key, std::move(tensor));
+        }
         if (!layers.empty()) {
             uint64_t count = layers.rbegin()->first + 1;
             if (count > (uint64_t)kMaxDim) {
@@ -631,6 +676,37 @@ private:
             root["weights"]["layers"] = json::array();
         }
         return root;
+    }
+
+    // An int8 tensor's parts as the JSON container holds them in the tensor object: the
+    // tensor "<key>.scales" becomes its "scales" (and is not placed on its own), and
+    // __metadata__.quantization = {"<key>": {"block_size": n}, ...} gives its "block_size".
+    // A missing part is then reported by the checks both containers share.
+    void attach_int8_parts(std::vector<std::pair<std::string, json>>& tensors, const json& quantization) const {
+        const std::string where = std::string("__metadata__.") + spec::kInt8SafetensorsMetadata;
+        if (!quantization.is_object()) fail(where, "expected an object, found " + brief(quantization));
+        const std::string suffix = spec::kInt8SafetensorsScalesSuffix;
+        std::map<std::string, json*> by_key;
+        for (auto& [key, tensor] : tensors) by_key[key] = &tensor;
+        for (auto& [key, tensor] : tensors) {
+            bool scales = key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0;
+            auto owner = scales ? by_key.find(key.substr(0, key.size() - suffix.size())) : by_key.end();
+            if (owner != by_key.end() && !owner->second->is_null()) {
+                (*owner->second)[spec::kInt8ScalesKey] = std::move(tensor);
+                tensor = json();  // placed with its owner
+            }
+        }
+        for (auto& [key, tensor] : tensors) {
+            auto entry = quantization.find(key);
+            if (!tensor.is_object() || tensor["dtype"] != xvalid::dtype_name(DType::q8) || entry == quantization.end() ||
+                entry->is_null()) {
+                continue;
+            }
+            if (!entry->is_object()) {
+                fail(where, cut(key) + ": expected an object {\"" + spec::kInt8BlockSizeKey + "\": n}, found " + brief(*entry));
+            }
+            if (auto size = entry->find(spec::kInt8BlockSizeKey); size != entry->end()) tensor[spec::kInt8BlockSizeKey] = *size;
+        }
     }
 
     // Puts a tensor keyed "section.name" or "weights.layers[i].name" where the JSON container
@@ -650,7 +726,9 @@ private:
         size_t dot = key.find('.');
         if (dot == std::string::npos || key.find('.', dot + 1) != std::string::npos) return;
         std::string section = key.substr(0, dot);
-        if (section == "inputs" || section == "rope" || section == "weights") root[section][key.substr(dot + 1)] = std::move(tensor);
+        if (section == "inputs" || section == "rope" || section == "weights" || section == spec::kSourceKey) {
+            root[section][key.substr(dot + 1)] = std::move(tensor);
+        }
     }
 
     ModelFile load(const json& root) {
@@ -659,11 +737,29 @@ private:
         for (const char* section : spec::kRequiredSections) object_member(root, "", section);
         ModelFile file;
         file.config = read_config(root);
-        file.weights = read_weights(root, file.config, file.tensors);
+        file.weights = read_weights(root, file.config, file);
         // required, as in the Python reader: every command runs the file's own inputs
         file.inputs = read_inputs(object_member(root, "", "inputs"), file.config);
         check_forward_memory(*file.inputs, file.config);
+        check_source(root, *file.inputs, file.config);
         return file;
+    }
+
+    // The optional quantisation record (spec::kSourceKey): {"weight_dtype": a string, "logits":
+    // float32 (B, S, V), finite}, the logits of the model before its weights were converted.
+    // The kernel does not use it; it is checked so that both loaders refuse the same files.
+    void check_source(const json& root, const Inputs& in, const Config& c) const {
+        const std::string key = spec::kSourceKey;
+        const json* source = find(root, key.c_str());
+        if (!source) return;
+        if (!source->is_object()) fail(key, "expected an object, found " + brief(*source));
+        const json& weight_dtype = member(*source, key, "weight_dtype");
+        if (!weight_dtype.is_string()) fail(key + ".weight_dtype", "expected a string, found " + brief(weight_dtype));
+        TensorEntry logits = entry(*source, key, spec::kSourceLogitsKey, spec::kSourceLogitsDtype);
+        std::vector<int64_t> shape{in.B, in.S, c.vocab_size};
+        if (logits.shape != shape) fail(logits.key, "shape expected " + shape_str(shape) + ", found " + shape_str(logits.shape));
+        std::vector<std::vector<float>> discarded;
+        float32_data(logits, discarded);
     }
 
     [[noreturn]] void fail(const std::string& key, const std::string& what) const {
@@ -908,9 +1004,17 @@ private:
 
     // Reads the entry's encoding, dtype (must be `dtype`) and shape.
     TensorEntry entry(const json& parent, const std::string& parent_key, const char* name, const char* dtype) const {
+        return entry(parent, parent_key, name, std::vector<std::string>{dtype});
+    }
+
+    // The same where any of `allowed` may stand (the messages are the Python reader's,
+    // modelfile.py _check_dtype_and_shape).
+    TensorEntry entry(const json& parent, const std::string& parent_key, const char* name,
+                      const std::vector<std::string>& allowed) const {
         TensorEntry t;
         t.key = join_key(parent_key, name);
         const json& node = member(parent, parent_key, name);
+        t.node = &node;
         if (!node.is_object()) fail(t.key, "expected a tensor {shape, dtype, encoding, data}, found " + brief(node));
         auto string_field = [&](const char* field) -> const std::string& {
             const json& value = member(node, t.key, field);
@@ -923,13 +1027,17 @@ private:
                             (encoding->is_string() ? quoted(encoding->get_ref<const std::string&>()) : brief(*encoding)));
         }
         const std::string& found = string_field("dtype");
-        if (found != dtype) {  // the Python reader's messages (modelfile.py decode_tensor)
+        if (std::find(allowed.begin(), allowed.end(), found) == allowed.end()) {
             if (is_reserved_dtype(found)) {
                 fail(t.key, "dtype " + found + " is not supported yet (format version " + std::to_string(kFormatVersion) +
-                                " reads " + dtype + " here)");
+                                " reads " + dtype_list(allowed) + " here)");
             }
-            fail(t.key, std::string("dtype expected ") + dtype + ", found " + quoted(found));
+            if (listed(spec::kMatrixOnlyDtypes, found) && allowed == weight_dtypes(false)) {
+                fail(t.key, "dtype " + found + " is only allowed for 2-D weight matrices");
+            }
+            fail(t.key, "dtype expected " + dtype_list(allowed) + ", found " + quoted(found));
         }
+        t.dtype = found;
         const json& shape = member(node, t.key, "shape");
         if (!shape.is_array()) fail(t.key, "shape must be a list of integers, found " + brief(shape));
         for (const json& d : shape) {
@@ -958,7 +1066,7 @@ private:
 
     void expect_shape(const TensorEntry& t, const std::vector<int64_t>& expected) const {
         if (t.shape != expected) {
-            fail(t.key, "shape " + shape_str(t.shape) + " does not match the config: expected " + shape_str(expected));
+            fail(t.key, "shape expected " + shape_str(expected) + ", found " + shape_str(t.shape));  // the Python reader's words
         }
     }
 
@@ -1015,14 +1123,15 @@ private:
                         const std::vector<int64_t>& shape, std::vector<std::vector<float>>& tensors) const {
         TensorEntry t = entry(parent, parent_key, name, "float32");
         expect_shape(t, shape);
-        if (t.mapped && reinterpret_cast<uintptr_t>(t.mapped) % alignof(float) == 0) {
-            // safetensors, aligned: read in place, no copy (the ModelFile keeps the mapping)
-            size_t numel = 1;
-            for (int64_t d : t.shape) numel *= (size_t)d;
-            expect_bytes(t, t.mapped_bytes, numel * sizeof(float));
-            const float* values = reinterpret_cast<const float*>(t.mapped);
-            check_finite(t, values, numel);
-            return values;
+        return float32_data(t, tensors);
+    }
+
+    // The float32 values of an entry (dtype and shape checked), all finite: in place in a
+    // safetensors mapping when aligned, else decoded into `tensors`.
+    const float* float32_data(const TensorEntry& t, std::vector<std::vector<float>>& tensors) const {
+        if (const float* in_place = mapped_in_place<float>(t)) {
+            check_finite(t, in_place, numel(t));
+            return in_place;
         }
         std::vector<float> values = decode<float>(t);
         check_finite(t, values.data(), values.size());
@@ -1030,16 +1139,144 @@ private:
         return tensors.back().data();  // stays valid as `tensors` grows: elements move, buffers do not
     }
 
-    void check_finite(const TensorEntry& t, const float* values, size_t n) const {
-        for (size_t i = 0; i < n; i++) {
-            if (!std::isfinite(values[i])) {
-                fail(t.key, "element " + std::to_string(i) + " (flat index) is " + std::to_string(values[i]) +
-                                "; weights must be finite");
-            }
-        }
+    static size_t numel(const TensorEntry& t) {
+        size_t n = 1;
+        for (int64_t d : t.shape) n *= (size_t)d;
+        return n;
     }
 
-    Weights read_weights(const json& root, Config& c, std::vector<std::vector<float>>& tensors) const {
+    // A safetensors tensor used where it is, no copy (the ModelFile keeps the mapping), when
+    // its bytes are aligned for T; nullptr otherwise (then decode<T> copies it).
+    template <typename T>
+    const T* mapped_in_place(const TensorEntry& t) const {
+        if (!t.mapped || reinterpret_cast<uintptr_t>(t.mapped) % alignof(T) != 0) return nullptr;
+        expect_bytes(t, t.mapped_bytes, numel(t) * sizeof(T));
+        return reinterpret_cast<const T*>(t.mapped);
+    }
+
+    // A weight matrix (rows, cols) in any weight dtype, kept as stored: float32 in `tensors`,
+    // float16/bfloat16 bits in `halves`, int8 in `quantized` with its float32 scales in
+    // `tensors` (or all of them in place in a safetensors mapping). Checked like the Python
+    // reader checks it (modelfile.py decode_weight), in the same order and words: dtype,
+    // shape, data, finite values; for int8 then its scales and block size.
+    WeightMatrix matrix(const json& parent, const std::string& parent_key, const char* name, int64_t rows,
+                        int64_t cols, ModelFile& file) const {
+        TensorEntry t = entry(parent, parent_key, name, weight_dtypes(true));
+        expect_shape(t, {rows, cols});
+        WeightMatrix w;
+        w.dtype = weight_dtype(t.dtype);
+        w.rows = (int)rows;
+        w.cols = (int)cols;
+        switch (w.dtype) {
+            case DType::f32: w.data = float32_data(t, file.tensors); break;
+            case DType::f16:
+            case DType::bf16: {
+                std::vector<uint16_t> bits;
+                w.data = half_bits(t, w.dtype, bits);
+                if (!bits.empty()) file.halves.push_back(std::move(bits));  // the buffer moves, w.data stays valid
+                break;
+            }
+            case DType::q8: {
+                if (const int8_t* in_place = mapped_in_place<int8_t>(t)) {
+                    w.data = in_place;
+                } else {
+                    file.quantized.push_back(decode<int8_t>(t));
+                    w.data = file.quantized.back().data();
+                }
+                int64_t blocks = 0;
+                w.block_size = block_size(t, cols, blocks);
+                w.scales = scales(t, rows, blocks, file.tensors);
+                break;
+            }
+        }
+        return w;
+    }
+
+    // A norm vector (n) in float32, float16 or bfloat16, as float32: half-precision ones are
+    // upcast here (n floats, exact) into `tensors`.
+    const float* vector(const json& parent, const std::string& parent_key, const char* name, int64_t n,
+                        ModelFile& file) const {
+        TensorEntry t = entry(parent, parent_key, name, weight_dtypes(false));
+        expect_shape(t, {n});
+        DType dtype = weight_dtype(t.dtype);
+        if (dtype == DType::f32) return float32_data(t, file.tensors);
+        std::vector<uint16_t> owner;
+        const uint16_t* bits = half_bits(t, dtype, owner);
+        std::vector<float> values(n);
+        for (int64_t i = 0; i < n; i++) values[i] = dtype == DType::f16 ? half_to_float(bits[i]) : bf16_to_float(bits[i]);
+        file.tensors.push_back(std::move(values));
+        return file.tensors.back().data();
+    }
+
+    // float16 or bfloat16 bits, all finite: in place when mapped and aligned, else decoded
+    // into `owner`.
+    const uint16_t* half_bits(const TensorEntry& t, DType dtype, std::vector<uint16_t>& owner) const {
+        const uint16_t* data = mapped_in_place<uint16_t>(t);
+        if (!data) {
+            owner = decode<uint16_t>(t);
+            data = owner.data();
+        }
+        // non-finite: exponent bits all ones (float16: 5 bits, bfloat16: 8)
+        uint16_t exponent = dtype == DType::f16 ? 0x7c00 : 0x7f80;
+        size_t n = numel(t), bad = 0, first = 0;
+        for (size_t i = 0; i < n; i++) {
+            if ((data[i] & exponent) == exponent && bad++ == 0) first = i;
+        }
+        if (bad) {
+            float value = dtype == DType::f16 ? half_to_float(data[first]) : bf16_to_float(data[first]);
+            fail_non_finite(t, value, first, bad);
+        }
+        return data;
+    }
+
+    // An int8 tensor's block size: the tensor object's "block_size", an integer in [1, cols];
+    // `blocks` = ceil(cols / block size). The scales must be there too (checked first, as
+    // the Python reader does).
+    int block_size(const TensorEntry& t, int64_t cols, int64_t& blocks) const {
+        const std::string scales_key = spec::kInt8ScalesKey, size_key = spec::kInt8BlockSizeKey;
+        if (!find(*t.node, scales_key.c_str())) fail(t.key, "int8 tensor has no '" + scales_key + "'");
+        const json* value = find(*t.node, size_key.c_str());
+        if (!value) fail(t.key, "int8 tensor has no '" + size_key + "'");
+        // (the parser keeps non-negative integers as unsigned: negatives, floats, bools fail here)
+        if (!value->is_number_unsigned() || value->get<uint64_t>() < 1 || value->get<uint64_t>() > (uint64_t)cols) {
+            fail(t.key, size_key + " must be an integer in [1, " + std::to_string(cols) + "], found " + brief(*value));
+        }
+        int64_t size = (int64_t)value->get<uint64_t>();
+        blocks = (cols + size - 1) / size;
+        return (int)size;
+    }
+
+    // An int8 tensor's scales: a float32 tensor object (rows, blocks), all finite.
+    const float* scales(const TensorEntry& t, int64_t rows, int64_t blocks, std::vector<std::vector<float>>& tensors) const {
+        TensorEntry s = entry(*t.node, t.key, spec::kInt8ScalesKey, spec::kInt8ScalesDtype);
+        if (s.shape != std::vector<int64_t>{rows, blocks}) {
+            fail(s.key, "shape expected " + shape_str({rows, blocks}) + ", found " + shape_str(s.shape));
+        }
+        return float32_data(s, tensors);
+    }
+
+    void check_finite(const TensorEntry& t, const float* values, size_t n) const {
+        size_t bad = 0, first = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (!std::isfinite(values[i]) && bad++ == 0) first = i;
+        }
+        if (bad) fail_non_finite(t, values[first], first, bad);
+    }
+
+    // "non-finite value nan at index [3, 1] (2 in all)": the Python reader's words (modelfile.py _finite).
+    [[noreturn]] void fail_non_finite(const TensorEntry& t, float value, size_t flat, size_t count) const {
+        std::vector<int64_t> index(t.shape.size());
+        for (size_t d = t.shape.size(); d-- > 0;) {
+            index[d] = (int64_t)(flat % (size_t)t.shape[d]);
+            flat /= (size_t)t.shape[d];
+        }
+        std::string text = std::isnan(value) ? "nan" : value > 0 ? "inf" : "-inf";
+        fail(t.key, "non-finite value " + text + " at index " + shape_str(index) + " (" + std::to_string(count) +
+                        " in all)");
+    }
+
+    Weights read_weights(const json& root, Config& c, ModelFile& file) const {
+        std::vector<std::vector<float>>& tensors = file.tensors;
         int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size, hd = c.head_dim;
         int64_t q_dim = (int64_t)c.num_heads * hd, kv_dim = (int64_t)c.num_kv_heads * hd;
         Weights w{};
@@ -1058,10 +1295,10 @@ private:
         w.rope_sin = weight(rope, "rope", "sin", {max_pos, hd}, tensors);
 
         const json& weights = object_member(root, "", "weights");
-        w.tok_embedding = weight(weights, "weights", "tok_embedding", {V, H}, tensors);
-        w.final_rms = weight(weights, "weights", "final_rms", {H}, tensors);
+        w.tok_embedding = matrix(weights, "weights", "tok_embedding", V, H, file);
+        w.final_rms = vector(weights, "weights", "final_rms", H, file);
         // tied head: files may leave lm_head out, since it equals tok_embedding
-        w.lm_head = find(weights, "lm_head") ? weight(weights, "weights", "lm_head", {V, H}, tensors) : w.tok_embedding;
+        w.lm_head = find(weights, "lm_head") ? matrix(weights, "weights", "lm_head", V, H, file) : w.tok_embedding;
 
         const json& layers = member(weights, "weights", "layers");
         if (!layers.is_array() || layers.size() != (size_t)c.num_layers) {
@@ -1072,15 +1309,15 @@ private:
             const json& layer = layers[l];
             std::string key = "weights.layers[" + std::to_string(l) + "]";
             LayerWeights lw{};
-            lw.rms_attn = weight(layer, key, "rms_attn", {H}, tensors);
-            lw.wq = weight(layer, key, "wq", {q_dim, H}, tensors);
-            lw.wk = weight(layer, key, "wk", {kv_dim, H}, tensors);
-            lw.wv = weight(layer, key, "wv", {kv_dim, H}, tensors);
-            lw.wo = weight(layer, key, "wo", {H, q_dim}, tensors);
-            lw.rms_ffn = weight(layer, key, "rms_ffn", {H}, tensors);
-            lw.w_gate = weight(layer, key, "w_gate", {I, H}, tensors);
-            lw.w_up = weight(layer, key, "w_up", {I, H}, tensors);
-            lw.w_down = weight(layer, key, "w_down", {H, I}, tensors);
+            lw.rms_attn = vector(layer, key, "rms_attn", H, file);
+            lw.wq = matrix(layer, key, "wq", q_dim, H, file);
+            lw.wk = matrix(layer, key, "wk", kv_dim, H, file);
+            lw.wv = matrix(layer, key, "wv", kv_dim, H, file);
+            lw.wo = matrix(layer, key, "wo", H, q_dim, file);
+            lw.rms_ffn = vector(layer, key, "rms_ffn", H, file);
+            lw.w_gate = matrix(layer, key, "w_gate", I, H, file);
+            lw.w_up = matrix(layer, key, "w_up", I, H, file);
+            lw.w_down = matrix(layer, key, "w_down", H, I, file);
             w.layers.push_back(lw);
         }
         return w;

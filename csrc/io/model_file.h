@@ -38,14 +38,20 @@ struct Inputs {
 };
 
 // A loaded model file. It owns the tensors that `weights` points into, so it can be
-// moved (the buffers move with it) but not copied.
+// moved (the buffers move with it) but not copied. Weight matrices keep their stored dtype
+// (float32, float16, bfloat16, int8 + scales: dtype.h); nothing is expanded to float32 but
+// the norm vectors (H floats each).
 struct ModelFile {
     Config config;
     Weights weights;
     std::optional<Inputs> inputs;      // always set by the loaders ("inputs" is required)
-    std::vector<std::vector<float>> tensors;  // the decoded float32 tensors, one buffer each
-    // A safetensors file's memory mapping: its float32 tensors are used in place, so
-    // `weights` may point into it. Unmapped when the last owner goes.
+    // The decoded tensors, one buffer each: float32 ones (RoPE tables, float32 weights, int8
+    // scales, norm vectors upcast from half precision), float16/bfloat16 bits, int8 values.
+    std::vector<std::vector<float>> tensors;
+    std::vector<std::vector<uint16_t>> halves;
+    std::vector<std::vector<int8_t>> quantized;
+    // A safetensors file's memory mapping: its tensors are used in place when aligned for
+    // their dtype, so `weights` may point into it. Unmapped when the last owner goes.
     std::shared_ptr<const void> mapping;
 
     ModelFile() = default;

@@ -7,13 +7,18 @@
 //            attention, the residual add fused into the next RMSNorm, SwiGLU fused into the
 //            gate/up projection. Same results to float32 rounding (docs/performance.md).
 //
-// A new kernel (a CUDA one, a reduced-precision one) is one more table and one line in
+// A new kernel (a CUDA one, a half-precision one) is one more table and one line in
 // find_kernel(). Dimensions as in transformer.h.
+//
+// Weight matrices come as WeightMatrix views (dtype.h: float32, float16, bfloat16, int8 with
+// block scales); every op computes in float32 and converts the weights as it reads them.
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "dtype.h"
 
 namespace xvalid {
 
@@ -21,8 +26,9 @@ struct KernelOps {
     const char* name;
     const char* description;
 
-    // out (rows, H) = E[ids]; ids are already checked to be in [0, V).
-    void (*embedding)(float* out, const int64_t* ids, const float* embedding, int rows, int H);
+    // out (rows, H) = E[ids] with E (V, H) = table, each row converted to float32; ids are
+    // already checked to be in [0, V).
+    void (*embedding)(float* out, const int64_t* ids, const WeightMatrix& table, int rows);
 
     // The residual add fused with the RMSNorm that follows it:
     //   x (rows, n) += delta (skipped when delta is nullptr), then
@@ -30,15 +36,17 @@ struct KernelOps {
     void (*residual_rmsnorm)(float* x, const float* delta, const float* weight, float* out,
                              int rows, int n, float eps);
 
-    // out (rows, d) = x (rows, n) W^T with W (d, n), like nn.Linear without bias.
-    void (*matmul)(float* out, const float* x, const float* w, int rows, int n, int d);
+    // out (rows, d) = x (rows, n) W^T with W (d, n) = (w.rows, w.cols), like nn.Linear
+    // without bias.
+    void (*matmul)(float* out, const float* x, const WeightMatrix& w, int rows);
 
     // The feed-forward's first half, SwiGLU fused in:
-    //   out (rows, d) = silu(x W_gate^T) * (x W_up^T), silu(z) = z * sigmoid(z).
+    //   out (rows, d) = silu(x W_gate^T) * (x W_up^T), silu(z) = z * sigmoid(z),
+    // W_gate and W_up (d, n), of the same shape (their dtypes may differ).
     // When gate and up are not nullptr (capture), the two products are stored there too,
     // each exactly as matmul computes it, and out is the same as without them.
-    void (*matmul_swiglu)(float* out, const float* x, const float* w_gate, const float* w_up,
-                          int rows, int n, int d, float* gate, float* up);
+    void (*matmul_swiglu)(float* out, const float* x, const WeightMatrix& w_gate,
+                          const WeightMatrix& w_up, int rows, float* gate, float* up);
 
     // RoPE on q (B, T, NH, hd) and k (B, T, KVH, hd) in place (rotate-half, token t at
     // absolute position p0 + t, rows of the (max_pos, hd) tables), then k and v (B, T, KVH, hd)

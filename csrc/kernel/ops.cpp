@@ -41,10 +41,9 @@ bool openmp_enabled() {
 #endif
 }
 
-void embedding_forward(float* out, const int64_t* ids, const float* embedding, int rows, int H) {
-    for (int r = 0; r < rows; r++) {
-        std::memcpy(out + (size_t)r * H, embedding + (size_t)ids[r] * H, sizeof(float) * H);
-    }
+void embedding_forward(float* out, const int64_t* ids, const WeightMatrix& table, int rows) {
+    int H = table.cols;
+    for (int r = 0; r < rows; r++) dequantize_row(table, (int)ids[r], 0, H, out + (size_t)r * H);
 }
 
 void rmsnorm_forward(float* out, const float* x, const float* weight, int rows, int n, float eps) {
@@ -60,17 +59,24 @@ void rmsnorm_forward(float* out, const float* x, const float* weight, int rows, 
 }
 
 // Most of the time is spent in this function: the seven projections and the
-// vocabulary head. Naive on purpose (one double-accumulated dot product per output);
-// threads split the output features, so each thread streams its own rows of W.
-void matmul_forward(float* out, const float* x, const float* w, int rows, int n, int d) {
-#pragma omp parallel for num_threads(get_num_threads())
-    for (int o = 0; o < d; o++) {
-        const float* wo = w + (size_t)o * n;
-        for (int r = 0; r < rows; r++) {
-            const float* xr = x + (size_t)r * n;
-            double sum = 0.0;
-            for (int i = 0; i < n; i++) sum += (double)wo[i] * xr[i];
-            out[(size_t)r * d + o] = (float)sum;
+// vocabulary head. Naive on purpose: one double-accumulated dot product per output. Each
+// weight row is first converted to the float32 values it stores (dequantize_row: float16/
+// bfloat16 upcast, int8 times its block's scale), once for all token rows; threads split
+// the output features, so each thread streams its own rows of W.
+void matmul_forward(float* out, const float* x, const WeightMatrix& w, int rows) {
+    int n = w.cols, d = w.rows;
+#pragma omp parallel num_threads(get_num_threads())
+    {
+        std::vector<float> wo(n);  // row o of W as float32
+#pragma omp for
+        for (int o = 0; o < d; o++) {
+            dequantize_row(w, o, 0, n, wo.data());
+            for (int r = 0; r < rows; r++) {
+                const float* xr = x + (size_t)r * n;
+                double sum = 0.0;
+                for (int i = 0; i < n; i++) sum += (double)wo[i] * xr[i];
+                out[(size_t)r * d + o] = (float)sum;
+            }
         }
     }
 }
@@ -177,8 +183,9 @@ void residual_rmsnorm_forward(float* x, const float* delta, const float* weight,
     rmsnorm_forward(out, x, weight, rows, n, eps);
 }
 
-void matmul_swiglu_forward(float* out, const float* x, const float* w_gate, const float* w_up,
-                           int rows, int n, int d, float* gate, float* up) {
+void matmul_swiglu_forward(float* out, const float* x, const WeightMatrix& w_gate,
+                           const WeightMatrix& w_up, int rows, float* gate, float* up) {
+    int d = w_gate.rows;
     static thread_local std::vector<float> scratch;  // gate and up when the caller keeps neither
     size_t size = (size_t)rows * d;
     if (!gate || !up) {
@@ -186,8 +193,8 @@ void matmul_swiglu_forward(float* out, const float* x, const float* w_gate, cons
         gate = scratch.data();
         up = scratch.data() + size;
     }
-    matmul_forward(gate, x, w_gate, rows, n, d);
-    matmul_forward(up, x, w_up, rows, n, d);
+    matmul_forward(gate, x, w_gate, rows);
+    matmul_forward(up, x, w_up, rows);
     swiglu_forward(out, gate, up, (int64_t)size);
 }
 

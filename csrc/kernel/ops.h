@@ -9,11 +9,13 @@
 //
 // Sums of products are accumulated in double and rounded once: the results are
 // compared with PyTorch's fp32 at about 1e-6 relative, so this kernel should add
-// as little rounding error of its own as possible.
+// as little rounding error of its own as possible. Weights of any storage dtype are read
+// through weight_at() / dequantize_row() (dtype.h): the float32 values the reference uses.
 #pragma once
 
 #include <cstdint>
 
+#include "dtype.h"
 #include "errors.h"
 
 namespace xvalid {
@@ -23,19 +25,20 @@ void set_num_threads(int n);  // InputError unless n >= 1; a build without OpenM
 int get_num_threads();
 bool openmp_enabled();
 
-// out (rows, H) = E[ids], the plain lookup; ids are already checked to be in [0, V).
-void embedding_forward(float* out, const int64_t* ids, const float* embedding, int rows, int H);
+// out (rows, H) = E[ids], the plain lookup, each row converted to float32 (H = table.cols);
+// ids are already checked to be in [0, V).
+void embedding_forward(float* out, const int64_t* ids, const WeightMatrix& table, int rows);
 
 // out (rows, n) = x * (1 / sqrt(mean(x^2) + eps)) * weight, per row; out may alias x.
 void rmsnorm_forward(float* out, const float* x, const float* weight, int rows, int n, float eps);
 
-// out (rows, d) = x (rows, n) W^T with W (d, n), like nn.Linear without bias.
-void matmul_forward(float* out, const float* x, const float* w, int rows, int n, int d);
+// out (rows, d) = x (rows, n) W^T with W (d, n) = (w.rows, w.cols), like nn.Linear without bias.
+void matmul_forward(float* out, const float* x, const WeightMatrix& w, int rows);
 
 // out (rows, d) = silu(x W_gate^T) * (x W_up^T): two matmul_forward calls, then swiglu_forward.
 // gate and up (rows, d) receive the two products; nullptr = internal scratch.
-void matmul_swiglu_forward(float* out, const float* x, const float* w_gate, const float* w_up,
-                           int rows, int n, int d, float* gate, float* up);
+void matmul_swiglu_forward(float* out, const float* x, const WeightMatrix& w_gate,
+                           const WeightMatrix& w_up, int rows, float* gate, float* up);
 
 // x (B, T, n_heads, hd) rotated in place, rotate-half layout; token t of every
 // sequence sits at absolute position p0 + t and uses row p0 + t of the (max_pos, hd) tables.

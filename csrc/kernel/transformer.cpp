@@ -30,8 +30,9 @@ class OpRunner {
 public:
     OpRunner(const KernelOps& ops, Profile& profile) : ops_(ops), profile_(profile) {}
 
-    void embedding(float* out, const int64_t* ids, const float* table, int rows, int H) {
-        timed(Op::embedding, 0, 8.0 * rows * H, [&] { ops_.embedding(out, ids, table, rows, H); });
+    void embedding(float* out, const int64_t* ids, const WeightMatrix& table, int rows, int H) {
+        double row_bytes = table.bytes() / table.rows;  // the rows read, stored; float32 written
+        timed(Op::embedding, 0, rows * (row_bytes + 4.0 * H), [&] { ops_.embedding(out, ids, table, rows); });
     }
     void residual_rmsnorm(float* x, const float* delta, const float* w, float* out, int rows, int n,
                           float eps) {
@@ -39,15 +40,16 @@ public:
         timed(Op::rmsnorm, 5.0 * rows * n, bytes,
               [&] { ops_.residual_rmsnorm(x, delta, w, out, rows, n, eps); });
     }
-    void matmul(Op op, float* out, const float* x, const float* w, int rows, int n, int d) {
-        double bytes = 4.0 * ((double)d * n + (double)rows * n + (double)rows * d);
-        timed(op, 2.0 * rows * n * d, bytes, [&] { ops_.matmul(out, x, w, rows, n, d); });
+    // out (rows, d) = x (rows, n) W^T; W is (d, n), its bytes as stored.
+    void matmul(Op op, float* out, const float* x, const WeightMatrix& w, int rows, int n, int d) {
+        double bytes = w.bytes() + 4.0 * ((double)rows * n + (double)rows * d);
+        timed(op, 2.0 * rows * n * d, bytes, [&] { ops_.matmul(out, x, w, rows); });
     }
-    void matmul_swiglu(float* out, const float* x, const float* wg, const float* wu, int rows, int n,
-                       int d, float* gate, float* up) {
-        double bytes = 4.0 * (2.0 * d * n + (double)rows * n + (double)rows * d);
+    void matmul_swiglu(float* out, const float* x, const WeightMatrix& wg, const WeightMatrix& wu, int rows,
+                       int n, int d, float* gate, float* up) {
+        double bytes = wg.bytes() + wu.bytes() + 4.0 * ((double)rows * n + (double)rows * d);
         timed(Op::gate_up_swiglu, 4.0 * rows * n * d, bytes,
-              [&] { ops_.matmul_swiglu(out, x, wg, wu, rows, n, d, gate, up); });
+              [&] { ops_.matmul_swiglu(out, x, wg, wu, rows, gate, up); });
     }
     void rope_append_kv(float* q, float* k, const float* v, float* kc, float* vc, int B, int T, int NH,
                         int KVH, int hd, int p0, int capacity, const float* cos_t, const float* sin_t) {
@@ -158,8 +160,43 @@ static void transformer_forward(const Config& c, const Weights& w, RunState& s, 
     record(capture, -1, "logits", {B, T, V}, s.logits.data());
 }
 
+// Every matrix must have the shape the config gives it (the loader makes sure; a hand-made
+// Weights might not), and an int8 one a block size and scales.
+static void check_matrix(const WeightMatrix& w, const std::string& name, int rows, int cols) {
+    auto fail = [&](const std::string& what) { throw InputError("weight matrix " + name + ": " + what); };
+    if (!w.data) fail("no data");
+    if (w.rows != rows || w.cols != cols) {
+        fail("shape (" + std::to_string(w.rows) + ", " + std::to_string(w.cols) + "), expected (" +
+             std::to_string(rows) + ", " + std::to_string(cols) + ")");
+    }
+    if (w.dtype == DType::q8 && (!w.scales || w.block_size < 1 || w.block_size > cols)) {
+        fail("int8 needs scales and a block size in [1, " + std::to_string(cols) + "]");
+    }
+}
+
 Transformer::Transformer(const Config& config, const Weights& weights, const KernelOps& kernel)
-    : config_(config), weights_(weights), kernel_(kernel) {}
+    : config_(config), weights_(weights), kernel_(kernel) {
+    const Config& c = config;
+    int H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
+    int q_dim = c.num_heads * c.head_dim, kv_dim = c.num_kv_heads * c.head_dim;
+    if ((int)weights.layers.size() != c.num_layers) {
+        throw InputError("weights hold " + std::to_string(weights.layers.size()) + " layers, the config " +
+                         std::to_string(c.num_layers));
+    }
+    check_matrix(weights.tok_embedding, "tok_embedding", V, H);
+    check_matrix(weights.lm_head, "lm_head", V, H);
+    for (int l = 0; l < c.num_layers; l++) {
+        const LayerWeights& lw = weights.layers[l];
+        std::string at = "layers[" + std::to_string(l) + "].";
+        check_matrix(lw.wq, at + "wq", q_dim, H);
+        check_matrix(lw.wk, at + "wk", kv_dim, H);
+        check_matrix(lw.wv, at + "wv", kv_dim, H);
+        check_matrix(lw.wo, at + "wo", H, q_dim);
+        check_matrix(lw.w_gate, at + "w_gate", I, H);
+        check_matrix(lw.w_up, at + "w_up", I, H);
+        check_matrix(lw.w_down, at + "w_down", H, I);
+    }
+}
 
 // Every check happens before anything changes, so a rejected call leaves the cache intact.
 void Transformer::check_input(const StepInput& in, int p0) const {

@@ -35,24 +35,27 @@ struct Config {
     double rope_theta;            // RoPE base; informational, the kernel uses the file's tables
 };
 
+// Weight matrices are typed views (dtype.h): float32, float16, bfloat16 or int8 with block
+// scales, converted by the kernel's ops as they read them. The norm weights are float32 (a
+// loader upcasts a half-precision file's vectors: they are tiny).
 struct LayerWeights {
     const float* rms_attn;  // (H) attention rmsnorm weight
-    const float* wq;        // (NH*hd, H)
-    const float* wk;        // (KVH*hd, H)
-    const float* wv;        // (KVH*hd, H)
-    const float* wo;        // (H, NH*hd)
+    WeightMatrix wq;        // (NH*hd, H)
+    WeightMatrix wk;        // (KVH*hd, H)
+    WeightMatrix wv;        // (KVH*hd, H)
+    WeightMatrix wo;        // (H, NH*hd)
     const float* rms_ffn;   // (H) feed-forward rmsnorm weight
-    const float* w_gate;    // (I, H)
-    const float* w_up;      // (I, H)
-    const float* w_down;    // (H, I)
+    WeightMatrix w_gate;    // (I, H)
+    WeightMatrix w_up;      // (I, H)
+    WeightMatrix w_down;    // (H, I)
 };
 
-// Borrowed: whoever fills these pointers (the model-file loader) owns the memory.
+// Borrowed: whoever fills these (the model-file loader) owns the memory.
 struct Weights {
-    const float* tok_embedding;        // (V, H)
+    WeightMatrix tok_embedding;        // (V, H)
     std::vector<LayerWeights> layers;  // (L)
     const float* final_rms;            // (H)
-    const float* lm_head;              // (V, H); tied models point it at tok_embedding
+    WeightMatrix lm_head;              // (V, H); tied models: the same view as tok_embedding
     // RoPE tables as stored in the file, not recomputed: tables computed in numpy and
     // in torch differ by up to 6e-8, and the reference uses the file's.
     const float* rope_cos;             // (max_pos, hd)

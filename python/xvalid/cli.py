@@ -15,6 +15,7 @@ from . import __version__
 from .backends import DEFAULT_BACKENDS, REGISTRY, backend_names
 from .config import PRESETS, ModelConfig
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, XValidError
+from .formatspec import WEIGHT_DTYPES
 from .metrics import COMPUTE_DTYPES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -510,6 +511,12 @@ def _compare_argv(ctx: click.Context) -> list[str]:
 @click.option("--seq", metavar="LIST", help="Prompt lengths: 32,128,512 or 32-512*2 or 16-64+16.")
 @click.option("--gen", metavar="LIST", help="Decode steps after the prompt (0: prefill only).")
 @click.option("--threads", metavar="LIST", help="Thread counts [torch's default].")
+@click.option("--weight-dtype", "weight_dtypes", metavar="LIST", default="float32", show_default=True,
+              help=f"How the weights are stored, comma separated, from: {', '.join(WEIGHT_DTYPES)} "
+                   f"(int8: Q8 blocks of 32); the model is converted for each.")
+@click.option("--dtype", "dtypes", metavar="LIST", default="float32", show_default=True,
+              help=f"Compute dtypes, comma separated, from: {', '.join(COMPUTE_DTYPES)}; a backend "
+                   f"that computes in float32 only gets a 'not supported' row at the others.")
 @click.option("--backends", default=",".join(DEFAULT_BACKENDS), show_default=True,
               callback=_backend_list,
               help=f"Built-in backends, comma separated, from: {', '.join(backend_names())}.")
@@ -537,9 +544,9 @@ def _compare_argv(ctx: click.Context) -> list[str]:
 @click.option("--threshold", type=click.FloatRange(min=0), default=5.0, show_default=True,
               metavar="PCT", help="With --compare: the slowdown in percent that fails.")
 @click.pass_context
-def bench(ctx, model, presets, seed, grid, batch, seq, gen, threads, backends, engines,
-          engine_output, engine_timeout, warmup, repeat, min_time, profile, out, compare_files,
-          threshold, **sizes):
+def bench(ctx, model, presets, seed, grid, batch, seq, gen, threads, weight_dtypes, dtypes,
+          backends, engines, engine_output, engine_timeout, warmup, repeat, min_time, profile,
+          out, compare_files, threshold, **sizes):
     """Prefill and decode speed over a batch x prompt-length grid, every backend validated
     against the reference before it is timed. Exit 0 all valid, 1 a backend INVALID (or with
     --compare: a regression), 3 an engine failed, 130 interrupted (what was measured is kept)."""
@@ -558,7 +565,7 @@ def bench(ctx, model, presets, seed, grid, batch, seq, gen, threads, backends, e
         start_loading_core()  # a pending C++ rebuild overlaps the import of torch
     import torch
 
-    from .bench.grid import GRID_PRESETS, parse_axis
+    from .bench.grid import GRID_PRESETS, parse_axis, parse_names
     from .bench.live import LiveView
     from .bench.output import print_bench, write_outputs
     from .bench.run import BenchOptions, ModelSpec, run_bench
@@ -572,6 +579,8 @@ def bench(ctx, model, presets, seed, grid, batch, seq, gen, threads, backends, e
         seq=parse_axis(seq, "--seq") if seq else list(preset.seq),
         gen=parse_axis(gen, "--gen", minimum=0) if gen else list(preset.gen),
         threads=parse_axis(threads, "--threads") if threads else [torch.get_num_threads()],
+        weight_dtypes=parse_names(weight_dtypes, "--weight-dtype", WEIGHT_DTYPES),
+        dtypes=parse_names(dtypes, "--dtype", COMPUTE_DTYPES),
         backends=backends, engines=engines, engine_output=engine_output,
         engine_timeout=engine_timeout, warmup=warmup,
         repeat=repeat if repeat is not None else preset.repeat,

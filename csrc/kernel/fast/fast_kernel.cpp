@@ -29,19 +29,19 @@ static void residual_rmsnorm(float* x, const float* delta, const float* weight, 
     XVALID_DISPATCH(residual_rmsnorm, x, delta, weight, out, rows, n, eps);
 }
 
-static void matmul(float* out, const float* x, const float* w, int rows, int n, int d) {
-    matmul_nt(out, x, w, rows, d, n, nullptr, nullptr, false, get_num_threads());
+static void matmul(float* out, const float* x, const WeightMatrix& w, int rows) {
+    matmul_nt(out, x, w, rows, nullptr, nullptr, false, get_num_threads());
 }
 
 // Always the fused pass, so capturing changes no result; when gate and up are asked for
 // (capture), they are computed again by two plain matmuls, the same products.
-static void matmul_swiglu(float* out, const float* x, const float* w_gate, const float* w_up, int rows,
-                          int n, int d, float* gate, float* up) {
+static void matmul_swiglu(float* out, const float* x, const WeightMatrix& w_gate, const WeightMatrix& w_up,
+                          int rows, float* gate, float* up) {
     int threads = get_num_threads();
-    matmul_nt_swiglu(out, x, w_gate, w_up, rows, d, n, nullptr, nullptr, threads);
+    matmul_nt_swiglu(out, x, w_gate, w_up, rows, nullptr, nullptr, threads);
     if (gate && up) {
-        matmul_nt(gate, x, w_gate, rows, d, n, nullptr, nullptr, false, threads);
-        matmul_nt(up, x, w_up, rows, d, n, nullptr, nullptr, false, threads);
+        matmul_nt(gate, x, w_gate, rows, nullptr, nullptr, false, threads);
+        matmul_nt(up, x, w_up, rows, nullptr, nullptr, false, threads);
     }
 }
 
@@ -59,13 +59,12 @@ static void attention(float* out, const float* q, const float* key_cache, const 
 
 }  // namespace fast
 
-// Note the argument order: the ops take (rows, n = in features, d = out features), the
-// matrix multiply (M, N = out features, K = in features).
+// The ops' rows are the matrix multiply's M; its N and K are the weight's rows and columns.
 const KernelOps fast_kernel = {
     "fast",
     "packed AVX2/FMA matmul (portable fallback), streaming-softmax attention, fused "
     "residual+rmsnorm, gate/up+SwiGLU and RoPE+KV append (csrc/kernel/fast/)",
-    embedding_forward,  // a row copy per token: the clear op is already as fast as memory
+    embedding_forward,  // a row per token, converted: the clear op is already as fast as memory
     fast::residual_rmsnorm,
     fast::matmul,
     fast::matmul_swiglu,

@@ -1,15 +1,17 @@
-// AVX2 + FMA code of the fast matmul (x86-64 only; built with -mavx2 -mfma and called only
-// after the run-time check in matmul.cpp). The blocking and threading are in matmul_blocked.h.
+// AVX2 + FMA (+ F16C for float16 weights) code of the fast matmul (x86-64 only; built with
+// -mavx2 -mfma -mf16c and called only after the run-time check in matmul.cpp). The blocking and threading are in matmul_blocked.h.
 //
 // Micro-kernel 6x16: 12 ymm accumulators (6 rows x 2 vectors of 8 columns), 2 ymm for the B
 // row of the current k and 1 for the broadcast A value = 15 of the 16 ymm registers. Per k:
 // 2 loads + 6 broadcasts for 12 FMAs, which keeps both FMA pipes busy (Zen: 2 FMA/cycle,
 // latency 4-5, so at least 8-10 independent accumulators are needed; 12 are there).
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "matmul_avx2.cpp must be compiled with -mavx2 -mfma"
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "matmul_avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
 #endif
 
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "matmul_blocked.h"
 #include "matmul_isa.h"
@@ -25,8 +27,13 @@ inline float hsum(__m256 v) {
 }
 
 struct Avx2 {
-    // Weight rows are prefetched this many floats ahead in the decode path (1 KB).
-    static constexpr int kPrefetchAhead = 256;
+    // Weight rows are prefetched this many bytes ahead in the decode path: 1 KB for float32.
+    // Rows of narrower weights are short (512 bytes of int8 at K = 512), too short for the
+    // hardware prefetcher to pick up, so the software prefetch must cover the whole memory
+    // latency: 4 KB ahead (the rows that follow) measured best (one thread, int8 rows of 512:
+    // 6.6 G weights/s at 1 KB, 8.9 at 4 KB; float16 2.9 and 4.0).
+    template <DType D>
+    static constexpr int kPrefetchBytes = D == DType::f32 ? 1024 : 4096;
     // Tiles and blocks (floats). KC = 256: a B micro-panel is 256*16*4 = 16 KB, half of L1d,
     // and stays there while the A micro-panels (256*6*4 = 6 KB each) stream past it.
     // MC = 120 rows: the A slice the inner loops sweep is 120*256*4 = 120 KB, in L2 (512 KB).
@@ -176,75 +183,222 @@ struct Avx2 {
         return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     }
 
-    // res[m][r] = A[m] . rows[r] (A row stride K) for m < MM, r < R; 8-wide FMA, MM*R
-    // independent accumulators, the K % 8 tail in scalar.
-    template <int MM, int R>
-    static void dots(const float* A, int K, const float* const* rows, float (*res)[R]) {
-        if constexpr (MM == 4 && R == 4) {  // 16 accumulators would spill: two halves
-            float half[MM][2];
-            for (int h = 0; h < 2; h++) {
-                dots<MM, 2>(A, K, rows + 2 * h, half);
-                for (int m = 0; m < MM; m++) res[m][2 * h] = half[m][0], res[m][2 * h + 1] = half[m][1];
-            }
-            return;
+    // ---- weights of other storage dtypes (dtype.h) ----
+    // float16 by F16C's vcvtph2ps, bfloat16 by widening to 32 bits and shifting into the top
+    // half, int8 by widening to 32-bit integers and converting: all exact, 8 weights at a time.
+    // The decode loop reads every dtype in its dot products (int8 when the block size is a
+    // multiple of 8, so that blocks and vectors line up; else Gemm converts the rows first).
+    static constexpr bool HAS_DOTS_F16 = true, HAS_DOTS_BF16 = true, HAS_DOTS_Q8 = true;
+
+    // 8 weights of a float32/float16/bfloat16 row from element k, as float32.
+    template <DType D>
+    static inline __m256 load8(const void* row, int k) {
+        if constexpr (D == DType::f32) {
+            return _mm256_loadu_ps(static_cast<const float*>(row) + k);
+        } else {
+            static_assert(D == DType::f16 || D == DType::bf16, "int8 rows: load8_q8");
+            __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + k));
+            if constexpr (D == DType::f16) return _mm256_cvtph_ps(bits);
+            return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
         }
-        __m256 acc[MM][R];
-        for (int m = 0; m < MM; m++)
-            for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
-        int k = 0;
-        if constexpr (MM * R <= 4) {  // too few chains to hide FMA latency: a second set
-            __m256 acc2[MM][R];
+    }
+    // the same for one weight (the K % 8 tail)
+    template <DType D>
+    static inline float load1(const void* row, int k) {
+        if constexpr (D == DType::f32) return static_cast<const float*>(row)[k];
+        else if constexpr (D == DType::f16) return half_to_float(static_cast<const uint16_t*>(row)[k]);
+        else return bf16_to_float(static_cast<const uint16_t*>(row)[k]);
+    }
+    // 8 int8 weights from element k as float32, unscaled.
+    static inline __m256 load8_q8(const int8_t* row, int k) {
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
+    }
+    // Ask for the row's bytes kPrefetchBytes ahead of element k.
+    template <DType D>
+    static inline void prefetch(const void* row, int k) {
+        _mm_prefetch(static_cast<const char*>(row) + (size_t)k * dtype_itemsize(D) + kPrefetchBytes<D>, _MM_HINT_T0);
+    }
+
+    // out[0 .. n) = row r of w, elements k0 .. k0+n-1, as float32 (packing's conversion);
+    // the same values as dtype.h's dequantize_row.
+    static void dequantize(const WeightMatrix& w, int r, int k0, int n, float* out) {
+        int i = 0;
+        switch (w.dtype) {
+            case DType::f32:
+                std::memcpy(out, w.f32_row(r) + k0, sizeof(float) * n);
+                return;
+            case DType::f16:
+                for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8<DType::f16>(w.u16_row(r) + k0, i));
+                for (; i < n; i++) out[i] = half_to_float(w.u16_row(r)[k0 + i]);
+                return;
+            case DType::bf16:
+                for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8<DType::bf16>(w.u16_row(r) + k0, i));
+                for (; i < n; i++) out[i] = bf16_to_float(w.u16_row(r)[k0 + i]);
+                return;
+            case DType::q8: {
+                const int8_t* q = w.q8_row(r);
+                const float* scales = w.scales_row(r);
+                for (int c = k0; c < k0 + n;) {  // one block (or the part of it in range) at a time
+                    int block = c / w.block_size;
+                    int end = std::min((block + 1) * w.block_size, k0 + n);
+                    float scale = scales[block];
+                    __m256 scale8 = _mm256_set1_ps(scale);
+                    for (; c + 8 <= end; c += 8) _mm256_storeu_ps(out + c - k0, _mm256_mul_ps(load8_q8(q, c), scale8));
+                    for (; c < end; c++) out[c - k0] = (float)q[c] * scale;
+                }
+                return;
+            }
+        }
+    }
+
+    // res[m][r] = A[m] . rows[r] (A row stride K) for m < MM, r < R; 8-wide FMA, MM*R
+    // independent accumulators, the K % 8 tail in scalar. float32, float16 and bfloat16
+    // rows are converted as they are loaded (load8); int8 rows go to dots_q8.
+    template <int MM, int R, DType D>
+    static void dots(const float* A, int K, const Rows<R>& rows, float (*res)[R]) {
+        if constexpr (D == DType::q8) {
+            dots_q8<MM, R>(A, K, rows, res);
+            return;
+        } else if constexpr (MM == 4 && R == 4) {  // 16 accumulators would spill: two halves
+            in_halves<MM, D>(A, K, rows, res);
+            return;
+        } else {
+            __m256 acc[MM][R];
             for (int m = 0; m < MM; m++)
-                for (int r = 0; r < R; r++) acc2[m][r] = _mm256_setzero_ps();
-            for (; k + 16 <= K; k += 16) {
-                __m256 w[R], w2[R];
+                for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
+            int k = 0;
+            if constexpr (MM * R <= 4) {  // too few chains to hide FMA latency: a second set
+                __m256 acc2[MM][R];
+                for (int m = 0; m < MM; m++)
+                    for (int r = 0; r < R; r++) acc2[m][r] = _mm256_setzero_ps();
+                for (; k + 16 <= K; k += 16) {
+                    __m256 w[R], w2[R];
+                    for (int r = 0; r < R; r++) {
+                        prefetch<D>(rows.row[r], k);
+                        w[r] = load8<D>(rows.row[r], k);
+                        w2[r] = load8<D>(rows.row[r], k + 8);
+                    }
+                    for (int m = 0; m < MM; m++) {
+                        __m256 x = _mm256_loadu_ps(A + (size_t)m * K + k);
+                        __m256 x2 = _mm256_loadu_ps(A + (size_t)m * K + k + 8);
+                        for (int r = 0; r < R; r++) {
+                            acc[m][r] = _mm256_fmadd_ps(x, w[r], acc[m][r]);
+                            acc2[m][r] = _mm256_fmadd_ps(x2, w2[r], acc2[m][r]);
+                        }
+                    }
+                }
+                for (int m = 0; m < MM; m++)
+                    for (int r = 0; r < R; r++) acc[m][r] = _mm256_add_ps(acc[m][r], acc2[m][r]);
+            }
+            for (; k + 8 <= K; k += 8) {
+                __m256 w[R];
                 for (int r = 0; r < R; r++) {
-                    _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetchAhead), _MM_HINT_T0);
-                    w[r] = _mm256_loadu_ps(rows[r] + k);
-                    w2[r] = _mm256_loadu_ps(rows[r] + k + 8);
+                    prefetch<D>(rows.row[r], k);
+                    w[r] = load8<D>(rows.row[r], k);
                 }
                 for (int m = 0; m < MM; m++) {
                     __m256 x = _mm256_loadu_ps(A + (size_t)m * K + k);
-                    __m256 x2 = _mm256_loadu_ps(A + (size_t)m * K + k + 8);
-                    for (int r = 0; r < R; r++) {
-                        acc[m][r] = _mm256_fmadd_ps(x, w[r], acc[m][r]);
-                        acc2[m][r] = _mm256_fmadd_ps(x2, w2[r], acc2[m][r]);
-                    }
+                    for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(x, w[r], acc[m][r]);
                 }
             }
             for (int m = 0; m < MM; m++)
-                for (int r = 0; r < R; r++) acc[m][r] = _mm256_add_ps(acc[m][r], acc2[m][r]);
+                for (int r = 0; r < R; r++) res[m][r] = hsum(acc[m][r]);
+            for (; k < K; k++)
+                for (int m = 0; m < MM; m++)
+                    for (int r = 0; r < R; r++) res[m][r] += A[(size_t)m * K + k] * load1<D>(rows.row[r], k);
         }
-        for (; k + 8 <= K; k += 8) {
-            __m256 w[R];
-            for (int r = 0; r < R; r++) {
-                _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetchAhead), _MM_HINT_T0);
-                w[r] = _mm256_loadu_ps(rows[r] + k);
-            }
-            for (int m = 0; m < MM; m++) {
-                __m256 x = _mm256_loadu_ps(A + (size_t)m * K + k);
-                for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(x, w[r], acc[m][r]);
+    }
+
+    // dots over 4 rows as two calls over 2 (fewer accumulators live at once).
+    template <int MM, DType D>
+    static void in_halves(const float* A, int K, const Rows<4>& rows, float (*res)[4]) {
+        for (int h = 0; h < 2; h++) {
+            Rows<2> pair{rows.dtype, rows.block_size, {rows.row[2 * h], rows.row[2 * h + 1]},
+                         {rows.scales[2 * h], rows.scales[2 * h + 1]}};
+            float half[MM][2];
+            dots<MM, 2, D>(A, K, pair, half);
+            for (int m = 0; m < MM; m++) res[m][2 * h] = half[m][0], res[m][2 * h + 1] = half[m][1];
+        }
+    }
+
+    // int8 rows, block_size a multiple of 8 (blocks start on a vector). One A row (decode
+    // at batch 1, the case that matters): q * x summed over a block in a register, then one
+    // FMA with the block's scale. Several A rows: each 8 weights dequantised in a register
+    // (q * scale), shared by the rows' FMAs. The K % 8 tail (in the last block) in scalar.
+    // Q8_0's block of 32 is compiled apart (BS = 32: its 4 vectors unrolled); BS = 0 reads
+    // the block size at run time.
+    template <int MM, int R>
+    static void dots_q8(const float* A, int K, const Rows<R>& rows, float (*res)[R]) {
+        if constexpr (MM >= 2 && R == 4) {  // MM x 4 accumulators, 4 weights and 4 scales would spill
+            in_halves<MM, DType::q8>(A, K, rows, res);
+        } else if (rows.block_size == 32) {
+            dots_q8_blocks<MM, R, 32>(A, K, rows, res);
+        } else {
+            dots_q8_blocks<MM, R, 0>(A, K, rows, res);
+        }
+    }
+
+    template <int MM, int R, int BS>
+    static void dots_q8_blocks(const float* A, int K, const Rows<R>& rows, float (*res)[R]) {
+        const int bs = BS ? BS : rows.block_size, k_vectors = K / 8 * 8;
+        const int8_t* q[R];  // held in registers, not re-read from `rows` every block
+        const float* scales[R];
+        for (int r = 0; r < R; r++) q[r] = rows.q8(r), scales[r] = rows.scales[r];
+        __m256 acc[MM][R];
+        for (int m = 0; m < MM; m++)
+            for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
+        for (int b0 = 0, block = 0; b0 < k_vectors; b0 += bs, block++) {
+            const int end = std::min(b0 + bs, k_vectors);
+            for (int p = (b0 + 63) / 64 * 64; p < end; p += 64)  // one prefetch per 64 bytes of a row
+                for (int r = 0; r < R; r++) prefetch<DType::q8>(q[r], p);
+            if constexpr (MM == 1) {
+                __m256 sum[R];  // this block's q . x per row
+                for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
+                if (BS && end - b0 == BS) {  // a whole Q8_0 block: 4 vectors, unrolled
+#pragma GCC unroll 4
+                    for (int k = b0; k < b0 + BS; k += 8) {
+                        __m256 x = _mm256_loadu_ps(A + k);
+                        for (int r = 0; r < R; r++) sum[r] = _mm256_fmadd_ps(x, load8_q8(q[r], k), sum[r]);
+                    }
+                } else {
+                    for (int k = b0; k < end; k += 8) {
+                        __m256 x = _mm256_loadu_ps(A + k);
+                        for (int r = 0; r < R; r++) sum[r] = _mm256_fmadd_ps(x, load8_q8(q[r], k), sum[r]);
+                    }
+                }
+                for (int r = 0; r < R; r++)
+                    acc[0][r] = _mm256_fmadd_ps(sum[r], _mm256_set1_ps(scales[r][block]), acc[0][r]);
+            } else {
+                __m256 scale[R];
+                for (int r = 0; r < R; r++) scale[r] = _mm256_set1_ps(scales[r][block]);
+                for (int k = b0; k < end; k += 8) {
+                    __m256 w[R];
+                    for (int r = 0; r < R; r++) w[r] = _mm256_mul_ps(load8_q8(q[r], k), scale[r]);
+                    for (int m = 0; m < MM; m++) {
+                        __m256 x = _mm256_loadu_ps(A + (size_t)m * K + k);
+                        for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(x, w[r], acc[m][r]);
+                    }
+                }
             }
         }
         for (int m = 0; m < MM; m++)
             for (int r = 0; r < R; r++) res[m][r] = hsum(acc[m][r]);
-        for (; k < K; k++)
+        for (int k = k_vectors; k < K; k++)
             for (int m = 0; m < MM; m++)
-                for (int r = 0; r < R; r++) res[m][r] += A[(size_t)m * K + k] * rows[r][k];
+                for (int r = 0; r < R; r++) res[m][r] += A[(size_t)m * K + k] * ((float)q[r][k] * scales[r][k / bs]);
     }
 };
 
 }  // namespace
 
 namespace avx2 {
-void matmul_nt(float* C, const float* A, const float* B, int M, int N, int K,
-               const float* row_scale, const float* col_scale, bool accumulate, int n_threads) {
-    matmul_nt_impl<Avx2>(C, A, B, M, N, K, row_scale, col_scale, accumulate, n_threads);
+void matmul_nt(float* C, const float* A, const WeightMatrix& B, int M, const float* row_scale,
+               const float* col_scale, bool accumulate, int n_threads) {
+    matmul_nt_impl<Avx2>(C, A, B, M, row_scale, col_scale, accumulate, n_threads);
 }
-void matmul_nt_swiglu(float* out, const float* A, const float* B_gate, const float* B_up,
-                      int M, int N, int K, const float* row_scale, const float* col_scale,
-                      int n_threads) {
-    matmul_nt_swiglu_impl<Avx2>(out, A, B_gate, B_up, M, N, K, row_scale, col_scale, n_threads);
+void matmul_nt_swiglu(float* out, const float* A, const WeightMatrix& B_gate, const WeightMatrix& B_up,
+                      int M, const float* row_scale, const float* col_scale, int n_threads) {
+    matmul_nt_swiglu_impl<Avx2>(out, A, B_gate, B_up, M, row_scale, col_scale, n_threads);
 }
 }  // namespace avx2
 

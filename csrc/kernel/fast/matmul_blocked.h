@@ -16,6 +16,12 @@
 //       panel i of A (KC*MR floats, streamed from L2): micro-kernel on the (i, p) tile.
 // Partial sums over the k-slices accumulate in C itself (or, for SwiGLU, in a per-thread
 // MC x 2NC block H, turned into silu(gate) * up after the last slice).
+//
+// Weights of any storage dtype (dtype.h): packing converts them to float32 panel by panel
+// (Isa::dequantize into a small buffer, then the float32 packing), so the micro-kernel only
+// ever sees float32; the decode loop reads them as stored, converting in registers where the
+// Isa has dots for the dtype (Isa::has_dots), else one group of weight rows at a time into a
+// small float32 buffer. Nothing converts a whole matrix.
 #pragma once
 
 #include <algorithm>
@@ -24,6 +30,8 @@
 #include <cstdlib>
 #include <new>
 #include <vector>
+
+#include "../dtype.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -58,9 +66,11 @@ private:
     size_t n_ = 0;
 };
 
-// Packed panels of one OpenMP worker: a (A block), b (B block), h (SwiGLU partial sums).
+// Packed panels of one OpenMP worker: a (A block), b (B block), h (SwiGLU partial sums),
+// w (weight rows converted to float32: a panel's NR rows of one k-slice while packing, or a
+// decode group's rows).
 struct WorkerScratch {
-    Buffer a, b, h;
+    Buffer a, b, h, w;
 };
 
 // The calling thread's scratch, one entry per worker of its parallel regions. It is sized
@@ -97,16 +107,34 @@ inline float scaled(const float* a_row, int k, float rs, bool has_rs, const floa
 // ---- the problem of one call ----------------------------------------------------------
 
 struct Problem {
-    float* C;            // (M, N) output
-    const float* A;      // (M, K)
-    const float* B;      // (N, K) plain matmul, else nullptr
-    const float* B_gate; // (N, K) SwiGLU, else nullptr
-    const float* B_up;   // (N, K)
+    float* C;                    // (M, N) output
+    const float* A;              // (M, K)
+    const WeightMatrix* B;       // (N, K) plain matmul, else nullptr
+    const WeightMatrix* B_gate;  // (N, K) SwiGLU, else nullptr
+    const WeightMatrix* B_up;    // (N, K)
     int M, N, K;
     const float* row_scale;  // (M) or nullptr
     const float* col_scale;  // (K) or nullptr
     bool accumulate;
     bool swiglu() const { return B == nullptr; }
+};
+
+// One row of a weight matrix (matrix nullptr: a padding row, read as zeros).
+struct WeightRow {
+    const WeightMatrix* matrix;
+    int row;
+};
+
+// R weight rows of one dtype (and for int8 one block size) as the decode loop reads them.
+template <int R>
+struct Rows {
+    DType dtype;
+    int block_size;          // int8 only
+    const void* row[R];      // the stored elements: float, uint16_t or int8_t
+    const float* scales[R];  // int8 only: the row's scales
+    const float* f32(int r) const { return static_cast<const float*>(row[r]); }
+    const uint16_t* u16(int r) const { return static_cast<const uint16_t*>(row[r]); }
+    const int8_t* q8(int r) const { return static_cast<const int8_t*>(row[r]); }
 };
 
 // How K is cut into slices of at most kc_max: equal slices, so no slice is a runt.
@@ -130,32 +158,50 @@ struct Gemm {
     // ---- packing ----
 
     // The B rows feeding panel `panel` of the block that starts at column nb of C.
-    // rows[j] = nullptr where the panel runs past N (packed as zeros).
-    static void panel_rows(const Problem& p, int nb, int panel, const float* rows[NR]) {
+    // rows[j].matrix = nullptr where the panel runs past N (packed as zeros).
+    static void panel_rows(const Problem& p, int nb, int panel, WeightRow rows[NR]) {
         if (!p.swiglu()) {
             for (int j = 0; j < NR; j++) {
                 int n = nb + panel * NR + j;
-                rows[j] = n < p.N ? p.B + (size_t)n * p.K : nullptr;
+                rows[j] = {n < p.N ? p.B : nullptr, n};
             }
             return;
         }
         constexpr int half = NR / 2;
         for (int j = 0; j < half; j++) {
             int n = nb + panel * half + j;
-            rows[j] = n < p.N ? p.B_gate + (size_t)n * p.K : nullptr;
-            rows[half + j] = n < p.N ? p.B_up + (size_t)n * p.K : nullptr;
+            rows[j] = {n < p.N ? p.B_gate : nullptr, n};
+            rows[half + j] = {n < p.N ? p.B_up : nullptr, n};
         }
     }
 
     // B block for the C columns from nb, width/NR panels: slice s, panel q at dst + k0*width + q*kc*NR.
-    static void pack_b_block(float* dst, const Problem& p, const Slices& sl, int nb, int width) {
+    // float32 rows are packed straight from the weights; other dtypes are converted slice by
+    // slice into `converted` (NR x KC floats), then packed from there.
+    static void pack_b_block(float* dst, const Problem& p, const Slices& sl, int nb, int width,
+                             float* converted) {
         int panels = width / NR;
         for (int q = 0; q < panels; q++) {
-            const float* rows[NR];
+            WeightRow rows[NR];
             panel_rows(p, nb, q, rows);
+            bool all_f32 = true;
+            for (const WeightRow& r : rows) all_f32 = all_f32 && (!r.matrix || r.matrix->dtype == DType::f32);
             for (int s = 0; s < sl.count; s++) {
                 int k0 = sl.begin(s), kc = sl.size(s);
-                Isa::pack_b_panel(dst + (size_t)k0 * width + (size_t)q * kc * NR, rows, k0, kc);
+                const float* src[NR];  // rows whose elements k0 .. k0+kc-1 start at src_k0
+                int src_k0 = all_f32 ? k0 : 0;
+                for (int j = 0; j < NR; j++) {
+                    const WeightRow& r = rows[j];
+                    if (!r.matrix) {
+                        src[j] = nullptr;
+                    } else if (all_f32) {
+                        src[j] = r.matrix->f32_row(r.row);
+                    } else {
+                        Isa::dequantize(*r.matrix, r.row, k0, kc, converted + (size_t)j * KC);
+                        src[j] = converted + (size_t)j * KC;
+                    }
+                }
+                Isa::pack_b_panel(dst + (size_t)k0 * width + (size_t)q * kc * NR, src, src_k0, kc);
             }
         }
     }
@@ -184,11 +230,12 @@ struct Gemm {
         float* Bp = ws.b.data();
         float* Ap = ws.a.data();
         float* H = ws.h.data();
+        float* converted = ws.w.data();
         for (int nb = n_begin; nb < n_end; nb += bc) {
             const int cols = std::min(bc, n_end - nb);
             const int panels = ceil_div(cols, pc);
             const int width = panels * NR;  // packed B columns (padded)
-            pack_b_block(Bp, p, sl, nb, width);
+            pack_b_block(Bp, p, sl, nb, width, converted);
             for (int mb = m_begin; mb < m_end; mb += MC) {
                 const int rows = std::min(MC, m_end - mb);
                 const int tiles = ceil_div(rows, MR);
@@ -277,6 +324,7 @@ struct Gemm {
             pool[t].b.reserve((size_t)p.K * max_width);
             pool[t].a.reserve((size_t)p.K * max_height);
             if (p.swiglu()) pool[t].h.reserve((size_t)max_height * max_width);
+            pool[t].w.reserve((size_t)NR * KC);
         }
         auto job = [&](int t) {
             int im = t / g.tn, in = t % g.tn;
@@ -290,30 +338,69 @@ struct Gemm {
     // ---- decode: small M, weights streamed once, no packing ----
 
     // Rows [n0, n1) of B (or of B_gate and B_up) against all M rows of A (already scaled),
-    // R = 4 weight rows at a time, A in chunks of at most Isa::GEMV_MM rows.
-    static void gemv_range(const Problem& p, const float* A, int n0, int n1) {
+    // R = 4 weight rows at a time, A in chunks of at most Isa::GEMV_MM rows. `buffer` holds
+    // 4 x K floats: weight rows the Isa's dot products cannot read as stored, converted.
+    static void gemv_range(const Problem& p, const float* A, int n0, int n1, float* buffer) {
         constexpr int R = 4;
         const int M = p.M, K = p.K;
         int n = n0;
-        for (; n + R <= n1; n += R) gemv_group<R>(p, A, M, K, n);
-        for (; n < n1; n++) gemv_group<1>(p, A, M, K, n);
+        for (; n + R <= n1; n += R) gemv_group<R>(p, A, M, K, n, buffer);
+        for (; n < n1; n++) gemv_group<1>(p, A, M, K, n, buffer);
+    }
+
+    // R rows n .. n+R-1 of one matrix.
+    template <int R>
+    static Rows<R> matrix_rows(const WeightMatrix& w, int n) {
+        Rows<R> rows{w.dtype, w.block_size, {}, {}};
+        for (int r = 0; r < R; r++) {
+            rows.row[r] = static_cast<const char*>(w.data) + (size_t)(n + r) * w.cols * dtype_itemsize(w.dtype);
+            rows.scales[r] = w.dtype == DType::q8 ? w.scales_row(n + r) : nullptr;
+        }
+        return rows;
+    }
+
+    // Whether the Isa reads this dtype in its dot products; if not, the rows are converted
+    // to float32 first (as_dots_can_read).
+    template <int R>
+    static bool has_dots(const Rows<R>& rows) {
+        switch (rows.dtype) {
+            case DType::f32: return true;
+            case DType::f16: return Isa::HAS_DOTS_F16;
+            case DType::bf16: return Isa::HAS_DOTS_BF16;
+            case DType::q8: return Isa::HAS_DOTS_Q8 && rows.block_size % 8 == 0;
+        }
+        return false;
+    }
+
+    // rows, or their float32 values in `buffer` (R x K floats) when the Isa cannot read them.
+    template <int R>
+    static Rows<R> as_dots_can_read(const Rows<R>& rows, int K, float* buffer) {
+        if (has_dots(rows)) return rows;
+        Rows<R> converted{DType::f32, 0, {}, {}};
+        for (int r = 0; r < R; r++) {
+            WeightMatrix one = WeightMatrix::f32(nullptr, 1, K);  // row r as a 1 x K matrix
+            one.dtype = rows.dtype, one.data = rows.row[r], one.scales = rows.scales[r];
+            one.block_size = rows.block_size;
+            Isa::dequantize(one, 0, 0, K, buffer + (size_t)r * K);
+            converted.row[r] = buffer + (size_t)r * K;
+        }
+        return converted;
     }
 
     // Output features n .. n+R-1: R weight rows, or for SwiGLU R gate and R up rows, taken
     // 2 features (4 rows) at a time, the same 4-row shape as the plain case.
     template <int R>
-    static void gemv_group(const Problem& p, const float* A, int M, int K, int n) {
+    static void gemv_group(const Problem& p, const float* A, int M, int K, int n, float* buffer) {
         if (p.swiglu()) {
             if constexpr (R % 2 == 0)
-                for (int f = 0; f < R; f += 2) gemv_swiglu_rows<2>(p, A, M, K, n + f);
+                for (int f = 0; f < R; f += 2) gemv_swiglu_rows<2>(p, A, M, K, n + f, buffer);
             else
-                for (int f = 0; f < R; f++) gemv_swiglu_rows<1>(p, A, M, K, n + f);
+                for (int f = 0; f < R; f++) gemv_swiglu_rows<1>(p, A, M, K, n + f, buffer);
             return;
         }
-        const float* rows[R];
-        for (int r = 0; r < R; r++) rows[r] = p.B + (size_t)(n + r) * K;
+        const Rows<R> rows = as_dots_can_read(matrix_rows<R>(*p.B, n), K, buffer);
         for (int m0 = 0; m0 < M; m0 += Isa::GEMV_MM) {
-            float res[Isa::GEMV_MM][R];
+            float res[Isa::GEMV_MM][R] = {};
             int mm = std::min(Isa::GEMV_MM, M - m0);
             dots_any<R>(A + (size_t)m0 * K, K, rows, mm, res);
             for (int m = 0; m < mm; m++) {
@@ -324,32 +411,55 @@ struct Gemm {
     }
 
     template <int F>  // F features: rows gate[n..n+F), up[n..n+F)
-    static void gemv_swiglu_rows(const Problem& p, const float* A, int M, int K, int n) {
-        const float* rows[2 * F];
+    static void gemv_swiglu_rows(const Problem& p, const float* A, int M, int K, int n, float* buffer) {
+        Rows<F> gate = matrix_rows<F>(*p.B_gate, n), up = matrix_rows<F>(*p.B_up, n);
+        // one pass over the 2F rows when they read alike (the usual case), else two
+        bool together = gate.dtype == up.dtype && gate.block_size == up.block_size;
+        Rows<2 * F> both{gate.dtype, gate.block_size, {}, {}};
         for (int f = 0; f < F; f++) {
-            rows[f] = p.B_gate + (size_t)(n + f) * K;
-            rows[F + f] = p.B_up + (size_t)(n + f) * K;
+            both.row[f] = gate.row[f], both.row[F + f] = up.row[f];
+            both.scales[f] = gate.scales[f], both.scales[F + f] = up.scales[f];
         }
+        if (together) both = as_dots_can_read(both, K, buffer);
+        if (!together) gate = as_dots_can_read(gate, K, buffer), up = as_dots_can_read(up, K, buffer + (size_t)F * K);
         for (int m0 = 0; m0 < M; m0 += Isa::GEMV_MM) {
-            float res[Isa::GEMV_MM][2 * F];
+            float res[Isa::GEMV_MM][2 * F] = {};
             int mm = std::min(Isa::GEMV_MM, M - m0);
-            dots_any<2 * F>(A + (size_t)m0 * K, K, rows, mm, res);
+            if (together) {
+                dots_any<2 * F>(A + (size_t)m0 * K, K, both, mm, res);
+            } else {
+                float res_gate[Isa::GEMV_MM][F] = {}, res_up[Isa::GEMV_MM][F] = {};
+                dots_any<F>(A + (size_t)m0 * K, K, gate, mm, res_gate);
+                dots_any<F>(A + (size_t)m0 * K, K, up, mm, res_up);
+                for (int m = 0; m < mm; m++)
+                    for (int f = 0; f < F; f++) res[m][f] = res_gate[m][f], res[m][F + f] = res_up[m][f];
+            }
             for (int m = 0; m < mm; m++)
                 for (int f = 0; f < F; f++)
                     p.C[(size_t)(m0 + m) * p.N + n + f] = silu_times(res[m][f], res[m][F + f]);
         }
     }
 
-    // res[m][r] = A[m] . rows[r] for m < mm (mm <= GEMV_MM), dispatched to the fixed-size kernel.
+    // res[m][r] = A[m] . rows[r] for m < mm (mm <= GEMV_MM), dispatched to the fixed-size kernel
+    // for the rows' dtype (one the Isa reads: as_dots_can_read).
     template <int R>
-    static void dots_any(const float* A, int K, const float* const* rows, int mm,
-                         float (*res)[R]) {
+    static void dots_any(const float* A, int K, const Rows<R>& rows, int mm, float (*res)[R]) {
+        switch (rows.dtype) {
+            case DType::f32: dots_mm<R, DType::f32>(A, K, rows, mm, res); break;
+            case DType::f16: if constexpr (Isa::HAS_DOTS_F16) dots_mm<R, DType::f16>(A, K, rows, mm, res); break;
+            case DType::bf16: if constexpr (Isa::HAS_DOTS_BF16) dots_mm<R, DType::bf16>(A, K, rows, mm, res); break;
+            case DType::q8: if constexpr (Isa::HAS_DOTS_Q8) dots_mm<R, DType::q8>(A, K, rows, mm, res); break;
+        }
+    }
+
+    template <int R, DType D>
+    static void dots_mm(const float* A, int K, const Rows<R>& rows, int mm, float (*res)[R]) {
         static_assert(Isa::GEMV_MM >= 1 && Isa::GEMV_MM <= 4, "chunk of A rows");
         switch (mm) {
-        case 1: Isa::template dots<1, R>(A, K, rows, res); break;
-        case 2: if constexpr (Isa::GEMV_MM >= 2) Isa::template dots<2, R>(A, K, rows, res); break;
-        case 3: if constexpr (Isa::GEMV_MM >= 3) Isa::template dots<3, R>(A, K, rows, res); break;
-        default: if constexpr (Isa::GEMV_MM >= 4) Isa::template dots<4, R>(A, K, rows, res); break;
+        case 1: Isa::template dots<1, R, D>(A, K, rows, res); break;
+        case 2: if constexpr (Isa::GEMV_MM >= 2) Isa::template dots<2, R, D>(A, K, rows, res); break;
+        case 3: if constexpr (Isa::GEMV_MM >= 3) Isa::template dots<3, R, D>(A, K, rows, res); break;
+        default: if constexpr (Isa::GEMV_MM >= 4) Isa::template dots<4, R, D>(A, K, rows, res); break;
         }
     }
 
@@ -369,13 +479,17 @@ struct Gemm {
         // Threads over contiguous ranges of output features, in groups of 4 (one gemv_group);
         // at least kGemvMinBytes of weights per thread, so tiny products stay on one thread.
         constexpr double kGemvMinBytes = 64 * 1024;
-        double weight_bytes = (double)p.N * p.K * sizeof(float) * (p.swiglu() ? 2 : 1);
+        double weight_bytes = p.swiglu() ? p.B_gate->bytes() + p.B_up->bytes() : p.B->bytes();
         int groups = ceil_div(p.N, 4);
         int T = std::max(1, std::min({n_threads, groups, (int)(weight_bytes / kGemvMinBytes)}));
+        // each worker's buffer for weight rows the Isa's dot products cannot read as stored:
+        // a group's 4 rows, or 2 x 2 for SwiGLU (sized here, so a failure throws in the caller)
+        auto& pool = worker_scratch(T);
+        for (int t = 0; t < T; t++) pool[t].w.reserve((size_t)4 * p.K);
         run_jobs(T, [&](int t) {
             int n0 = std::min(p.N, split_point(groups, T, t) * 4);
             int n1 = std::min(p.N, split_point(groups, T, t + 1) * 4);
-            if (n0 < n1) gemv_range(p, p.A, n0, n1);
+            if (n0 < n1) gemv_range(p, p.A, n0, n1, pool[t].w.data());
         });
     }
 
@@ -412,20 +526,19 @@ struct Gemm {
     }
 };
 
-// The two public entry points of one instruction set, over its Isa.
+// The two public entry points of one instruction set, over its Isa. N = B.rows, K = B.cols.
 template <class Isa>
-void matmul_nt_impl(float* C, const float* A, const float* B, int M, int N, int K,
-                    const float* row_scale, const float* col_scale, bool accumulate,
-                    int n_threads) {
-    Problem p{C, A, B, nullptr, nullptr, M, N, K, row_scale, col_scale, accumulate};
+void matmul_nt_impl(float* C, const float* A, const WeightMatrix& B, int M, const float* row_scale,
+                    const float* col_scale, bool accumulate, int n_threads) {
+    Problem p{C, A, &B, nullptr, nullptr, M, B.rows, B.cols, row_scale, col_scale, accumulate};
     Gemm<Isa>::run(p, n_threads);
 }
 
 template <class Isa>
-void matmul_nt_swiglu_impl(float* out, const float* A, const float* B_gate, const float* B_up,
-                           int M, int N, int K, const float* row_scale, const float* col_scale,
-                           int n_threads) {
-    Problem p{out, A, nullptr, B_gate, B_up, M, N, K, row_scale, col_scale, false};
+void matmul_nt_swiglu_impl(float* out, const float* A, const WeightMatrix& B_gate,
+                           const WeightMatrix& B_up, int M, const float* row_scale,
+                           const float* col_scale, int n_threads) {
+    Problem p{out, A, nullptr, &B_gate, &B_up, M, B_gate.rows, B_gate.cols, row_scale, col_scale, false};
     Gemm<Isa>::run(p, n_threads);
 }
 

@@ -40,22 +40,32 @@ struct Portable {
         for (int j = 0; j < n; j++) out[j] = silu_times(gate[j], up[j]);
     }
 
-    // res[m][r] = A[m] . rows[r]; L independent partial sums per pair so the loop over l
-    // vectorises without reassociating (no -ffast-math needed).
-    template <int MM, int R>
-    static void dots(const float* A, int K, const float* const* rows, float (*res)[R]) {
+    // Weights other than float32 are converted row by row before the dot products (Gemm's
+    // as_dots_can_read, into a small per-thread buffer), with dtype.h's scalar conversions.
+    static constexpr bool HAS_DOTS_F16 = false, HAS_DOTS_BF16 = false, HAS_DOTS_Q8 = false;
+
+    // out[0 .. n) = row r of w, elements k0 .. k0+n-1, as float32.
+    static void dequantize(const WeightMatrix& w, int r, int k0, int n, float* out) {
+        dequantize_row(w, r, k0, n, out);
+    }
+
+    // res[m][r] = A[m] . rows[r] (float32 rows); L independent partial sums per pair so the
+    // loop over l vectorises without reassociating (no -ffast-math needed).
+    template <int MM, int R, DType D>
+    static void dots(const float* A, int K, const Rows<R>& rows, float (*res)[R]) {
+        static_assert(D == DType::f32, "the portable dot products read float32 rows only");
         constexpr int L = 8;
         float acc[MM][R][L] = {};
         int k = 0;
         for (; k + L <= K; k += L)
             for (int m = 0; m < MM; m++)
                 for (int r = 0; r < R; r++)
-                    for (int l = 0; l < L; l++) acc[m][r][l] += A[(size_t)m * K + k + l] * rows[r][k + l];
+                    for (int l = 0; l < L; l++) acc[m][r][l] += A[(size_t)m * K + k + l] * rows.f32(r)[k + l];
         for (int m = 0; m < MM; m++)
             for (int r = 0; r < R; r++) {
                 float s = 0.0f;
                 for (int l = 0; l < L; l++) s += acc[m][r][l];
-                for (int kk = k; kk < K; kk++) s += A[(size_t)m * K + kk] * rows[r][kk];
+                for (int kk = k; kk < K; kk++) s += A[(size_t)m * K + kk] * rows.f32(r)[kk];
                 res[m][r] = s;
             }
     }
@@ -64,14 +74,13 @@ struct Portable {
 }  // namespace
 
 namespace portable {
-void matmul_nt(float* C, const float* A, const float* B, int M, int N, int K,
-               const float* row_scale, const float* col_scale, bool accumulate, int n_threads) {
-    matmul_nt_impl<Portable>(C, A, B, M, N, K, row_scale, col_scale, accumulate, n_threads);
+void matmul_nt(float* C, const float* A, const WeightMatrix& B, int M, const float* row_scale,
+               const float* col_scale, bool accumulate, int n_threads) {
+    matmul_nt_impl<Portable>(C, A, B, M, row_scale, col_scale, accumulate, n_threads);
 }
-void matmul_nt_swiglu(float* out, const float* A, const float* B_gate, const float* B_up,
-                      int M, int N, int K, const float* row_scale, const float* col_scale,
-                      int n_threads) {
-    matmul_nt_swiglu_impl<Portable>(out, A, B_gate, B_up, M, N, K, row_scale, col_scale, n_threads);
+void matmul_nt_swiglu(float* out, const float* A, const WeightMatrix& B_gate, const WeightMatrix& B_up,
+                      int M, const float* row_scale, const float* col_scale, int n_threads) {
+    matmul_nt_swiglu_impl<Portable>(out, A, B_gate, B_up, M, row_scale, col_scale, n_threads);
 }
 }  // namespace portable
 

@@ -8,9 +8,9 @@
 // expected-isa ("avx2+fma" or "portable") checks what the dispatch chose, e.g. with
 // XVALID_ISA=portable in the environment.
 //
-// By hand (the AVX2 unit alone gets -mavx2 -mfma; add -fsanitize=address,undefined to all):
+// By hand (the AVX2 unit alone gets -mavx2 -mfma -mf16c; add -fsanitize=address,undefined to all):
 //   g++ -std=c++17 -O2 -fopenmp -c matmul.cpp matmul_portable.cpp
-//   g++ -std=c++17 -O2 -fopenmp -mavx2 -mfma -c matmul_avx2.cpp
+//   g++ -std=c++17 -O2 -fopenmp -mavx2 -mfma -mf16c -c matmul_avx2.cpp
 //   g++ -std=c++17 -O2 -fopenmp matmul_test.cpp matmul.o matmul_portable.o matmul_avx2.o -o matmul_test
 #include <cmath>
 #include <cstdio>
@@ -42,7 +42,7 @@ std::vector<Impl> implementations() {
                             {"portable", portable::matmul_nt, portable::matmul_nt_swiglu}};
 #ifdef XVALID_HAVE_AVX2  // the build compiled the AVX2 unit
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         impls.push_back({"avx2", avx2::matmul_nt, avx2::matmul_nt_swiglu});
     else
         std::printf("note: this CPU has no AVX2+FMA; the avx2 code is not tested here\n");

@@ -147,8 +147,8 @@ def compare_runs(old: dict, new: dict, threshold_pct: float = 5.0) -> GateResult
     new_rows = {r.key: r for r in new["_rows"] if r.model not in differ}
     common = [key for key in new_rows if key in old_rows]
     if not common:
-        raise InputError("nothing to compare: no row (model, backend, batch, seq, gen, threads) "
-                         "is in both files")
+        raise InputError("nothing to compare: no row (model, backend, weight dtype, dtype, batch, "
+                         "seq, gen, threads) is in both files")
     for key in common:
         a, b = old_rows[key], new_rows[key]
         if a.status == "ok" and b.status in ("invalid", "error"):
@@ -177,8 +177,9 @@ def compare_runs(old: dict, new: dict, threshold_pct: float = 5.0) -> GateResult
 
 
 def _key_text(key: tuple) -> str:
-    model, backend, batch, seq, gen, threads = key
-    return f"{model} {backend} B{batch} S{seq} N{gen} t{threads}"
+    model, backend, batch, seq, gen, threads, weight_dtype, dtype = key
+    dtypes = "".join(f" {d}" for d in (weight_dtype, dtype) if d != "float32")
+    return f"{model} {backend}{dtypes} B{batch} S{seq} N{gen} t{threads}"
 
 
 def print_gate(result: GateResult, old_path: Path, new_path: Path, out) -> None:
@@ -202,7 +203,7 @@ def print_gate(result: GateResult, old_path: Path, new_path: Path, out) -> None:
         change = f"{100 * (c.new / c.old - 1):+.1f}%" if c.old and c.new else "-"
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         verdict = f"[{style[c.verdict]}]{c.verdict}[/]" if style[c.verdict] else c.verdict
-        table.add_row(r.model, r.backend, str(r.batch), str(r.seq), str(r.gen), str(r.threads),
+        table.add_row(r.model, r.label, str(r.batch), str(r.seq), str(r.gen), str(r.threads),
                       c.metric, fmt(c.old), fmt(c.new),
                       f"{c.speedup:.2f}x" if c.speedup else "-", change, fmt(c.spread), verdict)
     out.print(table)

@@ -56,6 +56,18 @@ def parse_axis(text: str, flag: str, minimum: int = 1) -> list[int]:
     return list(dict.fromkeys(values))
 
 
+def parse_names(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
+    """'float32,int8' -> the names in order, each once; InputError naming the flag for a name
+    not in `allowed`."""
+    names = [item for item in str(text).replace(" ", "").split(",") if item]
+    for name in names:
+        if name not in allowed:
+            raise InputError(f"{flag} {text!r}: {name!r} is not one of {', '.join(allowed)}")
+    if not names:
+        raise InputError(f"{flag} {text!r}: no value (write e.g. {','.join(allowed[:2])})")
+    return list(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class GridPreset:
     """A named grid: the axes and how long each cell is measured."""

@@ -68,7 +68,7 @@ class LiveView:
                        "decode ms/tok", "prefill tok/s", "decode tok/s"):
             table.add_column(column, justify="left" if column in ("backend", "valid") else "right")
         for row in self.rows[-SHOWN_ROWS:]:
-            table.add_row(row.backend, str(row.batch), str(row.seq), str(row.gen),
+            table.add_row(row.label, str(row.batch), str(row.seq), str(row.gen),
                           str(row.threads),
                           f"[{STATUS_STYLE[row.status]}]{STATUS_TEXT[row.status]}[/]",
                           format_ms(row.median("prefill_ms")), format_ms(row.median("decode_ms_per_token")),
@@ -77,7 +77,7 @@ class LiveView:
 
 
 def _line(row: Row) -> str:
-    where = f"{row.backend} B{row.batch} S{row.seq} N{row.gen} t{row.threads}"
+    where = f"{row.label} B{row.batch} S{row.seq} N{row.gen} t{row.threads}"
     if row.status != "ok":
         return f"{where}: {STATUS_TEXT[row.status]} ({row.reason})"
     return (f"{where}: prefill {format_ms(row.median('prefill_ms'))} ms, decode "

@@ -24,8 +24,10 @@ BENCH_SCHEMA = "xvalid-bench"
 BENCH_SCHEMA_VERSION = 1
 
 ROOF_DRIFT = 0.25  # roofs at the end this far from the start's: said in the notes
-STATUS_TEXT = {"ok": "ok", "invalid": "INVALID", "error": "ERROR", "skipped": "skipped"}
-STATUS_STYLE = {"ok": "green", "invalid": "bold red", "error": "bold yellow", "skipped": "dim"}
+STATUS_TEXT = {"ok": "ok", "invalid": "INVALID", "error": "ERROR", "skipped": "skipped",
+               "unsupported": "not supported"}
+STATUS_STYLE = {"ok": "green", "invalid": "bold red", "error": "bold yellow", "skipped": "dim",
+                "unsupported": "yellow"}
 
 
 def bench_json(result: BenchResult) -> dict:
@@ -79,13 +81,16 @@ def _speedup(row: Row) -> str:
 def _columns(result: BenchResult) -> dict[str, bool]:
     """Which identifying columns vary (one value: said in the header lines instead)."""
     rows = result.rows
-    return {"model": len(result.models) > 1, "N": len({r.gen for r in rows}) > 1,
-            "threads": len({r.threads for r in rows}) > 1}
+    return {"model": len({r.model for r in rows}) > 1, "N": len({r.gen for r in rows}) > 1,
+            "threads": len({r.threads for r in rows}) > 1,
+            "weights": len({r.weight_dtype for r in rows}) > 1,
+            "dtype": len({r.dtype for r in rows}) > 1}
 
 
 def table_header(result: BenchResult) -> list[str]:
     shown = _columns(result)
-    return (["model"] * shown["model"] + ["backend", "B", "S"] + ["N"] * shown["N"]
+    return (["model"] * shown["model"] + ["backend"] + ["weights"] * shown["weights"]
+            + ["dtype"] * shown["dtype"] + ["B", "S"] + ["N"] * shown["N"]
             + ["threads"] * shown["threads"]
             + ["valid", "prefill\nms", "prefill\ntok/s", "prefill\nGFLOP/s", "1st decode\nms",
                "decode\nms/tok", "decode\ntok/s", "decode\nGB/s", "total\nms", "peak RSS\nMB",
@@ -104,7 +109,8 @@ def table_lines(result: BenchResult) -> list[tuple[Row, list[str]]]:
     lines = []
     for row in result.rows:
         best = (row.rank or {}) if timed.get(row.cell_key, 0) > 1 else {}
-        ident = ([row.model] * shown["model"] + [row.backend, str(row.batch), str(row.seq)]
+        ident = ([row.model] * shown["model"] + [row.backend] + [row.weight_dtype] * shown["weights"]
+                 + [row.dtype] * shown["dtype"] + [str(row.batch), str(row.seq)]
                  + [str(row.gen)] * shown["N"] + [str(row.threads)] * shown["threads"]
                  + [STATUS_TEXT[row.status]])
         if row.status != "ok":
@@ -126,16 +132,25 @@ def table_lines(result: BenchResult) -> list[tuple[Row, list[str]]]:
 def header_lines(result: BenchResult) -> list[str]:
     o, m = result.options, result.machine
     lines = []
+    by_name: dict[str, list[dict]] = {}  # a model appears once per weight dtype
     for model in result.models:
-        c = model["config"]
-        lines.append(f"model {model['name']}: H={c['hidden_size']} L={c['num_hidden_layers']} "
+        by_name.setdefault(model["name"], []).append(model)
+    for name, variants in by_name.items():
+        model, c = variants[0], variants[0]["config"]
+        weights = ", ".join(f"{v.get('weight_dtype', 'float32')} {v['weight_bytes'] / 1e6:.1f} MB"
+                            for v in variants)
+        lines.append(f"model {name}: H={c['hidden_size']} L={c['num_hidden_layers']} "
                      f"NH={c['num_attention_heads']} KVH={c['num_key_value_heads']} "
                      f"I={c['intermediate_size']} V={c['vocab_size']}, "
                      f"{model['parameters'] / 1e6:.1f}M parameters"
-                     + (f", seed {model['seed']}" if model.get("seed") is not None else ""))
+                     + (f", seed {model['seed']}" if model.get("seed") is not None else "")
+                     + f"; weights a decode step reads: {weights}")
     lines.append(f"grid {o.grid}: B {o.batch} x S {o.seq} x N {o.gen} decode steps at "
                  f"threads {o.threads}; per backend and cell: a validation run, {o.warmup} "
                  f"warmup, then at least {o.repeat} timed runs and {o.min_time:g} s")
+    lines.append(f"weights stored as {', '.join(o.weight_dtypes)} (the reference computes with "
+                 f"the values stored); compute dtype {', '.join(o.dtypes)}, each judged at its own "
+                 f"budget")
     simd = " ".join(m["simd"]) or "no SIMD flags found"
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {simd}; "
                  f"torch {result.versions.get('torch', '?')}")
@@ -147,18 +162,24 @@ def header_lines(result: BenchResult) -> list[str]:
 
 
 def note_lines(result: BenchResult) -> list[str]:
-    """Why rows are INVALID, ERROR or skipped (skips said once per reason); the partial mark."""
+    """Why rows are INVALID, ERROR, skipped or not supported (skips said once per reason);
+    each weight dtype's speed against float32 weights; the partial mark."""
     lines, seen = [], set()
     for row in result.rows:
         where = f"B{row.batch} S{row.seq} N{row.gen} t{row.threads}"
         if row.status in ("invalid", "error"):
-            lines.append(f"{row.backend} {where}: {STATUS_TEXT[row.status]}: {row.reason}")
+            lines.append(f"{row.label} {where}: {STATUS_TEXT[row.status]}: {row.reason}")
         elif row.status == "skipped" and (row.model, where) not in seen:
             seen.add((row.model, where))
             lines.append(f"{where}: skipped: {row.reason}")
+        elif row.status == "unsupported" and (row.backend, row.dtype) not in seen:
+            seen.add((row.backend, row.dtype))
+            lines.append(f"{row.backend} at --dtype {row.dtype}: not supported ({row.reason})")
+
         if row.status == "ok" and row.validation and row.validation.get("decode") == "not supported":
             lines.append(f"{row.backend} {where}: decode not checked or timed (the engine wrote "
                          f"no decode logits)")
+    lines += weight_dtype_lines(result)
     for threads, end in sorted(result.roofs_end.items()):
         start = result.roofs.get(threads)
         changed = [f"{name} {start[key]:.1f} at the start, {end[key]:.1f} at the end"
@@ -175,6 +196,27 @@ def note_lines(result: BenchResult) -> list[str]:
         done = len({(r.model, r.cell_key) for r in result.rows})
         lines.append(f"PARTIAL: interrupted during {result.interrupted_at}; {done} of "
                      f"{result.cells_total} cells measured")
+    return lines
+
+
+def weight_dtype_lines(result: BenchResult) -> list[str]:
+    """Per backend that reads the stored weights (not torch, which computes on their float32
+    values) and per weight dtype: its decode speed against the same backend with float32
+    weights, cell by cell."""
+    by_label: dict[tuple, list[Row]] = {}
+    for row in result.rows:
+        if row.kind == "backend" and row.backend == "torch":
+            continue
+        if row.vs_float32_weights and row.vs_float32_weights.get("decode"):
+            by_label.setdefault((row.model, row.label, row.weight_dtype), []).append(row)
+    lines = []
+    for (model, label, weight_dtype), rows in by_label.items():
+        cells = ", ".join(f"{format_times(r.vs_float32_weights['decode'])} at B{r.batch} S{r.seq} "
+                          f"t{r.threads}" for r in rows)
+        megabytes = rows[0].weight_bytes_per_token / 1e6
+        lines.append(f"{label}: decode tokens/s with {weight_dtype} weights ({megabytes:.1f} MB a "
+                     f"step) over float32 weights: {cells}" + (f" ({model})" if len(
+                         {m["name"] for m in result.models}) > 1 else ""))
     return lines
 
 

@@ -39,7 +39,7 @@ def _plt():
 
 
 def write_plots(result, out: Path) -> list[Path]:
-    models = [m["name"] for m in result.models]
+    models = list(dict.fromkeys(m["name"] for m in result.models))  # once per weight dtype there
     written = []
     for model in models:
         rows = [r for r in result.rows if r.model == model]
@@ -65,7 +65,7 @@ def _colours(backends: list[str]) -> dict[str, str]:
 def throughput_figure(rows: list[Row], title: str):
     plt = _plt()
     threads = sorted({r.threads for r in rows})
-    backends = list(dict.fromkeys(r.backend for r in rows))
+    backends = list(dict.fromkeys(r.label for r in rows))
     batches = sorted({r.batch for r in rows})
     colour = _colours(backends)
     fig, axes = plt.subplots(len(threads), 2, figsize=(12, 4.2 * len(threads)), squeeze=False,
@@ -77,7 +77,7 @@ def throughput_figure(rows: list[Row], title: str):
             invalid_drawn = False
             for backend in backends:
                 for bi, batch in enumerate(batches):
-                    line = sorted((r for r in rows if (r.backend, r.batch, r.threads)
+                    line = sorted((r for r in rows if (r.label, r.batch, r.threads)
                                    == (backend, batch, t)), key=lambda r: r.seq)
                     points = [(r.seq, getattr(r, value)) for r in line
                               if r.status == "ok" and getattr(r, value)]
@@ -111,7 +111,7 @@ def throughput_figure(rows: list[Row], title: str):
 
 
 def _speedups(rows: list[Row]) -> list[tuple[str, int]]:
-    return list(dict.fromkeys((r.backend, r.threads) for r in rows if r.backend != "torch"))
+    return list(dict.fromkeys((r.label, r.threads) for r in rows if r.backend != "torch"))
 
 
 def speedup_figure(rows: list[Row], title: str):
@@ -144,15 +144,15 @@ def speedup_figure(rows: list[Row], title: str):
             ax = axes[mi][pi]
             values = [[math.nan] * len(seqs) for _ in batches]
             for r in rows:
-                if (r.backend, r.threads) != (backend, threads):
+                if (r.label, r.threads) != (backend, threads):
                     continue
                 i, j = batches.index(r.batch), seqs.index(r.seq)
                 v = (r.speedup or {}).get(metric)
                 text, colour = "-", "black"
                 if r.status in ("invalid", "error"):
                     text, colour = r.status.upper(), "red"
-                elif r.status == "skipped":
-                    text = "skipped"
+                elif r.status in ("skipped", "unsupported"):
+                    text = "skipped" if r.status == "skipped" else "n/a"
                 elif v:
                     values[i][j] = math.log2(v)
                     text = format_times(v)
@@ -193,7 +193,7 @@ def latency_figure(rows: list[Row], title: str):
         first = r.median("first_decode_ms") or 0.0
         rest = (r.median("decode_ms_per_token") or 0.0) * max(r.gen - 1, 0)
         parts.append((prefill, first, rest))
-        labels.append(f"{r.backend}  B{r.batch} S{r.seq} t{r.threads}")
+        labels.append(f"{r.label}  B{r.batch} S{r.seq} t{r.threads}")
     y = range(len(timed))
     left = [0.0] * len(timed)
     for k, (name, colour) in enumerate((("prefill", "tab:blue"), ("first decode step", "tab:orange"),

@@ -7,15 +7,18 @@ the median of `repeat` timed runs after one warmup, at the thread count given.
 
 A prefill's achieved GFLOP/s is forward_flops / prefill time, as a share of the compute roof.
 A decode step reads every weight once whatever the batch, so its achieved bandwidth is
-weight_bytes_per_step / step time, as a share of the bandwidth roof.
+weight_bytes_per_step (in the dtype the weights are held in) / step time, as a share of the
+bandwidth roof.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
 from ..config import ModelConfig
+from ..formatspec import STORAGE_DTYPES_SPEC
 
 GEMM_N = 2048
 COPY_FLOATS = 64 * 1024 * 1024  # 256 MiB of float32
@@ -65,9 +68,20 @@ def forward_flops(cfg: ModelConfig, B: int, S: int, past: int = 0) -> float:
     return 2 * B * S * matmul_params + attention
 
 
-def weight_bytes_per_step(cfg: ModelConfig) -> float:
-    """Bytes of float32 weights one decode step streams: every matrix once, the head included
-    (the embedding lookup reads one row a token, left out)."""
+def weight_bytes_per_step(cfg: ModelConfig, weight_dtype: str = "float32",
+                          block_size: int = 32) -> float:
+    """Bytes of weights one decode step streams: every matrix once, the head included (the
+    embedding lookup reads one row a token, left out), stored as weight_dtype: 4 bytes a
+    weight (float32), 2 (float16, bfloat16), or 1 plus a 4-byte scale per block_size weights
+    of a row (int8)."""
     H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return 4.0 * (L * (H * (q_dim + 2 * kv_dim) + q_dim * H + 3 * H * I) + V * H)
+    # (rows, cols) of every matrix a step reads
+    shapes = [(q_dim, H), (kv_dim, H), (kv_dim, H), (H, q_dim), (I, H), (I, H), (H, I)] * L + [(V, H)]
+    itemsize = STORAGE_DTYPES_SPEC[weight_dtype]["itemsize"]
+    total = 0.0
+    for rows, cols in shapes:
+        total += rows * cols * itemsize
+        if weight_dtype == "int8":
+            total += 4.0 * rows * math.ceil(cols / min(block_size, cols))
+    return total

@@ -12,8 +12,9 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 
 # Row statuses: ok (validated, timed), invalid (failed validation: never timed, ranked or in
-# speedups), error (an engine could not run), skipped (the cell cannot fit).
-STATUSES = ("ok", "invalid", "error", "skipped")
+# speedups), error (an engine could not run), skipped (the cell cannot fit), unsupported (the
+# backend cannot compute in the cell's compute dtype: the C++ kernels compute in float32 only).
+STATUSES = ("ok", "invalid", "error", "skipped", "unsupported")
 TIMED = ("prefill_ms", "first_decode_ms", "decode_ms_per_token", "total_ms")
 
 # How a row was timed.
@@ -64,6 +65,10 @@ class Row:
     gen: int
     threads: int
     status: str      # STATUSES
+    weight_dtype: str = "float32"  # how the model file stores the weights (float16, int8, ...)
+    dtype: str = "float32"         # the compute dtype the cell asks for
+    weight_bytes_per_token: float | None = None  # weight bytes one decode step reads, as this
+                                                 # backend holds the weights
     reason: str | None = None          # why invalid, error or skipped
     timing: str | None = None          # TIMING_*
     prefill_ms: Stats | None = None    # time to first token: the prefill of B x S tokens
@@ -78,21 +83,30 @@ class Row:
     rss_growth_mb: float | None = None  # of which above the resident memory before the run
     validation: dict | None = None     # max_abs, budget_used, atol, decode, first_failing_step
     speedup: dict | None = None        # over torch at the same cell: prefill, decode, total
+    # over the same backend at the same cell with float32 weights: prefill, decode
+    vs_float32_weights: dict | None = None
     rank: dict | None = None           # 1 = fastest valid row of the cell: prefill, decode
     extra: dict = field(default_factory=dict)  # notes: e.g. engine peak memory unknown
 
     @property
     def key(self) -> tuple:
         """What identifies a row across runs (the regression gate matches on it)."""
-        return (self.model, self.backend, self.batch, self.seq, self.gen, self.threads)
+        return (self.model, self.backend, self.batch, self.seq, self.gen, self.threads,
+                self.weight_dtype, self.dtype)
 
     @property
     def cell_key(self) -> tuple:
-        return (self.model, self.batch, self.seq, self.gen, self.threads)
+        return (self.model, self.batch, self.seq, self.gen, self.threads, self.weight_dtype,
+                self.dtype)
+
+    @property
+    def label(self) -> str:
+        """The backend with what differs from float32: 'cpp', 'cpp int8', 'torch bfloat16'."""
+        return " ".join([self.backend] + [d for d in (self.weight_dtype, self.dtype) if d != "float32"])
 
     @property
     def valid(self) -> bool | None:
-        return None if self.status == "skipped" else self.status == "ok"
+        return None if self.status in ("skipped", "unsupported") else self.status == "ok"
 
     def median(self, name: str) -> float | None:
         stats = getattr(self, name)
@@ -133,7 +147,8 @@ CSV_COLUMNS = ("backend", "batch", "seq", "gen", "threads", "valid", "prefill_ms
                "decode_ms_per_token_std", "total_ms_std", "prefill_ms_p90",
                "decode_ms_per_token_p90", "samples", "prefill_gflops", "prefill_roof_pct",
                "decode_gbs", "decode_roof_pct", "speedup_prefill", "speedup_decode",
-               "speedup_total", "rss_growth_mb", "reason")
+               "speedup_total", "rss_growth_mb", "reason", "weight_dtype", "dtype",
+               "weight_bytes_per_token", "decode_vs_float32_weights")
 
 
 # Numbers as the table, bench.md and the plots print them (one place, so they agree).
@@ -185,7 +200,10 @@ def csv_record(row: Row) -> dict:
             "prefill_roof_pct": pct(row.prefill_roof), "decode_gbs": row.decode_gbs,
             "decode_roof_pct": pct(row.decode_roof), "speedup_prefill": speedup.get("prefill"),
             "speedup_decode": speedup.get("decode"), "speedup_total": speedup.get("total"),
-            "rss_growth_mb": row.rss_growth_mb, "reason": row.reason}
+            "rss_growth_mb": row.rss_growth_mb, "reason": row.reason,
+            "weight_dtype": row.weight_dtype, "dtype": row.dtype,
+            "weight_bytes_per_token": row.weight_bytes_per_token,
+            "decode_vs_float32_weights": (row.vs_float32_weights or {}).get("decode")}
 
 
 def rank_and_compare(rows: list[Row]) -> None:
@@ -193,9 +211,19 @@ def rank_and_compare(rows: list[Row]) -> None:
     failed backend is never ranked and never in a speedup, however fast it was."""
     by_cell: dict[tuple, list[Row]] = {}
     for row in rows:
-        row.speedup = row.rank = None
+        row.speedup = row.rank = row.vs_float32_weights = None
         if row.status == "ok":
             by_cell.setdefault(row.cell_key, []).append(row)
+    # each weight dtype against float32 weights: the same backend, cell and compute dtype
+    float32_rows = {row.key[:6] + (row.dtype,): row for row in rows
+                    if row.status == "ok" and row.weight_dtype == "float32" and row.timing != TIMING_PROCESS}
+    for row in rows:
+        base = float32_rows.get(row.key[:6] + (row.dtype,))
+        if row.status == "ok" and row.weight_dtype != "float32" and base is not None and row.timing == base.timing:
+            row.vs_float32_weights = {label: (base.median(name) / row.median(name)
+                                              if base.median(name) and row.median(name) else None)
+                                      for label, name in (("prefill", "prefill_ms"),
+                                                          ("decode", "decode_ms_per_token"))}
     metrics = {"prefill": "prefill_ms", "decode": "decode_ms_per_token", "total": "total_ms"}
     for cell_rows in by_cell.values():
         # A process timing (load included) is not comparable with a forward's time.

@@ -15,6 +15,13 @@ For each model, thread count and cell (B rows, S prompt tokens, N decode steps):
     An engine is run --repeat times and its own timing.json read; an engine that writes none
     is timed as a whole process (load included) and labelled so.
 
+Two dtype axes. --weight-dtype: each model is benchmarked once per storage dtype of its
+weights (a file in that dtype for the C++ backends and engines; the reference runs on the
+values it stores, upcast or dequantised, so every backend is judged at the float32 budget).
+--dtype: the compute dtype; at bfloat16 or float16 torch runs in it and is judged by the
+budget PyTorch's own error sets (compare --dtype), and a backend that computes in float32
+only (the C++ kernels) gets an "unsupported" row, never a silent float32 run.
+
 Ctrl-C ends the run; the cells finished so far are kept and the result is marked partial.
 """
 
@@ -33,6 +40,7 @@ import numpy as np
 from ..backends import DEFAULT_BACKENDS, Backend, TorchBackend, backend_names, get_spec
 from ..compare import (Candidate, Tolerance, derive_tolerance, judge, load_backend,
                        run_engine, run_reference, versions)
+from . import weight_dtype as stored_weights
 from ..config import ModelConfig
 from ..engines import EngineRequest, ExternalEngine, make_engines
 from ..errors import (EXIT_ENGINE, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_PASS, EngineError,
@@ -65,6 +73,8 @@ class BenchOptions:
     seq: list[int]
     gen: list[int]
     threads: list[int]
+    weight_dtypes: list[str] = field(default_factory=lambda: ["float32"])  # storage of the weights
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])         # compute dtypes
     backends: tuple[str, ...] = DEFAULT_BACKENDS
     engines: tuple[str, ...] = ()
     engine_output: str | None = None
@@ -79,7 +89,8 @@ class BenchOptions:
 
     def settings(self) -> dict:
         return {"grid": self.grid, "batch": self.batch, "seq": self.seq, "gen": self.gen,
-                "threads": self.threads, "backends": list(self.backends),
+                "threads": self.threads, "weight_dtypes": self.weight_dtypes,
+                "dtypes": self.dtypes, "backends": list(self.backends),
                 "engines": list(self.engines), "warmup": self.warmup, "repeat": self.repeat,
                 "min_time_s": self.min_time, "seed": self.seed, "profile": self.profile}
 
@@ -126,15 +137,29 @@ class NullView:
 @dataclass
 class LoadedModel:
     name: str
-    mf: ModelFile             # weights (its inputs are replaced per cell)
+    weight_dtype: str         # how the weights are stored in `path`
+    mf: ModelFile             # weights as stored, in float32 (its inputs are replaced per cell)
+    stored: dict              # the stored form of the weights that are not float32 (by key)
     path: Path | None         # a file the C++ backends and engines can read
     ref32: TorchBackend       # the reference, also the torch candidate
     ref64: TorchBackend       # for the tolerance only
     backends: dict[str, Backend]   # the in-process candidates by name, torch included if asked
     info: dict
+    half_refs: dict[str, TorchBackend] = field(default_factory=dict)  # torch in a half dtype
+
+    def half_ref(self, dtype: str) -> TorchBackend:
+        """torch computing in `dtype` (bfloat16, float16): the reference's half-precision run
+        and the torch candidate at that compute dtype, made on first use."""
+        if dtype not in self.half_refs:
+            self.half_refs[dtype] = TorchBackend(self.mf, dtype)
+        return self.half_refs[dtype]
 
 
-def load_model(spec: ModelSpec, opts: BenchOptions, workdir: Path, view) -> LoadedModel:
+def load_model(spec: ModelSpec, weight_dtype: str, opts: BenchOptions, workdir: Path, view
+               ) -> LoadedModel:
+    """The model with its weights stored in weight_dtype, and its backends. float32 is the
+    file as given (or generated); another dtype is converted from it and written for the C++
+    backends and engines as safetensors, which they map in place."""
     if spec.path is not None:
         view.status(f"reading {spec.path}")
         mf, path, source = read_model(spec.path), spec.path, "file"
@@ -142,10 +167,16 @@ def load_model(spec: ModelSpec, opts: BenchOptions, workdir: Path, view) -> Load
         view.status(f"generating {spec.name}")
         mf = generate_model(spec.config, batch_size=1, seq_len=1, seed=opts.seed, pad=0)
         path, source = None, "preset"
-        if opts.engines or any(not get_spec(n).reference for n in opts.backends):
-            path = workdir / f"{spec.name}.json"  # the C++ backends read the weights from a file
-            write_model(mf, path, progress=False)
-    view.status(f"loading the backends for {spec.name}")
+    mf, stored = stored_weights.convert(mf, weight_dtype)
+    needs_file = opts.engines or any(not get_spec(n).reference for n in opts.backends)
+    if stored and needs_file:
+        view.status(f"writing {spec.name} with {weight_dtype} weights")
+        path = workdir / f"{spec.name}-{weight_dtype}.safetensors"
+        stored_weights.write_stored(mf, stored, path, "safetensors")
+    elif path is None and needs_file:
+        path = workdir / f"{spec.name}.json"  # the C++ backends read the weights from a file
+        write_model(mf, path, progress=False)
+    view.status(f"loading the backends for {spec.name} ({weight_dtype} weights)")
     start = time.perf_counter()
     ref32 = TorchBackend(mf, "float32")
     load_ms = {"torch": (time.perf_counter() - start) * 1e3}
@@ -157,11 +188,14 @@ def load_model(spec: ModelSpec, opts: BenchOptions, workdir: Path, view) -> Load
         else:
             backends[name], load_ms[name] = load_backend(spec_b, path, mf)
     cfg = mf.config
-    info = {"name": spec.name, "source": source, "path": str(spec.path) if spec.path else None,
+    info = {"name": spec.name, "weight_dtype": weight_dtype, "source": source,
+            "path": str(spec.path) if spec.path else None,
             "config": cfg.to_json(), "parameters": cfg.num_parameters,
             "seed": mf.meta.get("seed") if isinstance(mf.meta.get("seed"), int) else None,
-            "weight_bytes": weight_bytes_per_step(cfg), "load_ms": load_ms}
-    return LoadedModel(spec.name, mf, path, ref32, TorchBackend(mf, "float64"), backends, info)
+            "weight_bytes": weight_bytes_per_step(cfg, weight_dtype),
+            "load_ms": load_ms}
+    return LoadedModel(spec.name, weight_dtype, mf, stored, path, ref32, TorchBackend(mf, "float64"),
+                       backends, info)
 
 
 def cell_inputs(cfg: ModelConfig, cell: Cell, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,31 +319,50 @@ def add_derived(row: Row, cfg: ModelConfig, roof: dict | None) -> None:
         row.prefill_gflops = forward_flops(cfg, row.batch, row.seq) / prefill * 1e-6
         if roof:
             row.prefill_roof = row.prefill_gflops / roof["sgemm_gflops"]
-    if step:
-        row.decode_gbs = weight_bytes_per_step(cfg) / step * 1e-6
+    if step and row.weight_bytes_per_token:
+        row.decode_gbs = row.weight_bytes_per_token / step * 1e-6
         if roof:
             row.decode_roof = row.decode_gbs / roof["copy_gbs"]
 
 
-def run_cell(model: LoadedModel, engines: list[ExternalEngine], cell: Cell, opts: BenchOptions,
-             roof: dict | None, workdir: Path, view) -> list[Row]:
+def held_weight_bytes(cfg: ModelConfig, name: str, weight_dtype: str, dtype: str) -> float:
+    """Weight bytes one decode step of this candidate reads: torch holds the weights in its
+    compute dtype (the stored values upcast); the C++ backends and engines read the file's."""
+    reference = name in backend_names() and get_spec(name).reference
+    return weight_bytes_per_step(cfg, dtype if reference else weight_dtype)
+
+
+def run_cell(model: LoadedModel, engines: list[ExternalEngine], cell: Cell, dtype: str,
+             opts: BenchOptions, roof: dict | None, workdir: Path, view) -> list[Row]:
+    """One cell at one compute dtype: every candidate validated, then the valid ones timed."""
     cfg = model.mf.config
     base = dict(model=model.name, batch=cell.batch, seq=cell.seq, gen=cell.gen,
-                threads=cell.threads)
+                threads=cell.threads, weight_dtype=model.weight_dtype, dtype=dtype)
     names = list(model.backends) + [engine.name for engine in engines]
+    kinds = {name: "engine" if i >= len(model.backends) else "backend" for i, name in enumerate(names)}
     reason = skip_reason(cfg, cell, len(names), available_memory_bytes())
     if reason:
-        return [Row(**base, backend=name, kind="engine" if i >= len(model.backends) else "backend",
-                    status="skipped", reason=reason) for i, name in enumerate(names)]
+        return [Row(**base, backend=name, kind=kinds[name], status="skipped", reason=reason)
+                for name in names]
+    # a backend that cannot compute in dtype is said so, and left out of this cell
+    unsupported = [Row(**base, backend=name, kind="backend", status="unsupported",
+                       reason=f"computes in float32 only, not {dtype}")
+                   for name in model.backends if get_spec(name).compute_dtype(dtype) != dtype]
+    backends = {name: backend for name, backend in model.backends.items()
+                if get_spec(name).compute_dtype(dtype) == dtype}
+    half = model.half_ref(dtype) if dtype != "float32" else None
+    if half is not None:
+        half.set_threads(cell.threads)
+        backends = {name: half if get_spec(name).reference else backend for name, backend in backends.items()}
     ids, mask = cell_inputs(cfg, cell, opts.seed)
     S, N = cell.seq, cell.gen
 
-    view.status(f"{cell.label()}: reference (float32 and float64)")
-    ref = run_reference(model.ref32, model.ref64, ids, mask, capture=False)
+    view.status(f"{cell.label()}: reference (float32 and float64" + (f", {dtype})" if half else ")"))
+    ref = run_reference(model.ref32, model.ref64, ids, mask, capture=False, half=half)
     tol = derive_tolerance(ref)
     candidates: list[Candidate] = []
     memory: dict[str, tuple[float, float | None]] = {}
-    for name, backend in model.backends.items():
+    for name, backend in backends.items():
         view.status(f"{cell.label()}: validating {name}")
         kind = "reference" if get_spec(name).reference else "backend"
         peak = PeakMemory()
@@ -320,18 +373,23 @@ def run_cell(model: LoadedModel, engines: list[ExternalEngine], cell: Cell, opts
             continue
         memory[name] = (peak.peak_mb(), None if peak.start_mb is None
                         else peak.peak_mb() - peak.start_mb)
-        candidates.append(Candidate(name, kind, run.prefill_logits,
+        # the torch candidate is judged like the others, against the reference's target
+        candidates.append(Candidate(name, "backend" if half else kind, run.prefill_logits,
                                     decode_logits=run.decode_logits))
     engine_runs: dict[str, tuple[EngineRequest, Path, float]] = {}
     if engines:
-        cell_path = workdir / f"cell-{cell.batch}x{cell.seq}+{cell.gen}.json"
-        write_model(dataclasses.replace(model.mf, input_ids=ids, attention_mask=mask,
-                                        meta=dict(model.mf.meta, bench_cell=cell.label())),
-                    cell_path, progress=False)
+        # the JSON container, weights as stored: what every engine reads
+        cell_path = workdir / f"cell-{model.weight_dtype}-{cell.batch}x{cell.seq}+{cell.gen}.json"
+        cell_mf = dataclasses.replace(model.mf, input_ids=ids, attention_mask=mask,
+                                      meta=dict(model.mf.meta, bench_cell=cell.label()))
+        if model.stored:
+            stored_weights.write_stored(cell_mf, model.stored, cell_path, "json")
+        else:
+            write_model(cell_mf, cell_path, progress=False)
         for engine in engines:
             view.status(f"{cell.label()}: validating {engine.name}")
             request = EngineRequest(cell.positions, N, cell.threads, 1, opts.warmup,
-                                    intermediates=False)
+                                    intermediates=False, dtype=dtype)
             before = children_peak_mb()
             candidates.append(run_engine(engine, cell_path, ref.logits.shape, request, None))
             engine_runs[engine.name] = (request, cell_path, before)
@@ -339,8 +397,8 @@ def run_cell(model: LoadedModel, engines: list[ExternalEngine], cell: Cell, opts
     del ref
 
     rows = [judged_row(dict(base, backend=c.name), c, tol) for c in candidates]
-    valid = {row.backend: model.backends[row.backend] for row in rows
-             if row.status == "ok" and row.backend in model.backends}
+    valid = {row.backend: backends[row.backend] for row in rows
+             if row.status == "ok" and row.backend in backends}
     samples = time_backends(valid, ids, mask, S, opts, view) if valid else {}
     for row in rows:
         if row.backend in samples:
@@ -350,9 +408,12 @@ def run_cell(model: LoadedModel, engines: list[ExternalEngine], cell: Cell, opts
     for cand, row in zip(candidates, rows):
         if cand.kind == "engine" and row.status == "ok":
             time_engine_cell(cand, row, *engine_runs[cand.name], opts, view)
+    rows += unsupported
     for row in rows:
+        row.weight_bytes_per_token = held_weight_bytes(cfg, row.backend, model.weight_dtype, dtype)
         add_derived(row, cfg, roof)
-    return rows
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(rows, key=lambda row: order[row.backend])
 
 
 def time_engine_cell(cand: Candidate, row: Row, request: EngineRequest, cell_path: Path,
@@ -414,11 +475,13 @@ def run_bench(opts: BenchOptions, view=None) -> BenchResult:
     engines = make_engines(opts.engines, taken, opts.engine_timeout, opts.engine_output)
     if opts.profile:  # one cell: the first value of every axis
         opts = dataclasses.replace(opts, batch=opts.batch[:1], seq=opts.seq[:1],
-                                   gen=opts.gen[:1], threads=opts.threads[:1])
+                                   gen=opts.gen[:1], threads=opts.threads[:1],
+                                   weight_dtypes=opts.weight_dtypes[:1], dtypes=opts.dtypes[:1])
     grid = cells(opts.batch, opts.seq, opts.gen, opts.threads)
+    variants = len(opts.models) * len(opts.weight_dtypes) * len(opts.dtypes)
     result = BenchResult(opts, machine_info(),
                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                         cells_total=len(grid) * len(opts.models))
+                         cells_total=len(grid) * variants)
     start = time.perf_counter()
     candidates = len(opts.backends) + len(engines)
     with tempfile.TemporaryDirectory(prefix="xvalid-bench-") as tmp:
@@ -432,28 +495,31 @@ def run_bench(opts: BenchOptions, view=None) -> BenchResult:
                 result.roofs[threads] = measure_roofs(threads, repeat=3)
             backend_info: dict[str, dict] = {}
             for spec in opts.models:
-                current = f"loading {spec.name}"
-                model = load_model(spec, opts, workdir, view)
-                result.models.append(model.info)
-                backend_info.update({n: b.info() for n, b in model.backends.items()})
-                result.versions = versions(backend_info)
-                if len(result.models) == 1:  # the others are taken to be alike
-                    view.set_total(sum(cell_work(model.mf.config, c, candidates) for c in grid)
-                                   * len(opts.models))
-                for cell in grid:
-                    current = f"{spec.name} {cell.label()}"
-                    for backend in (model.ref32, *model.backends.values()):
-                        backend.set_threads(cell.threads)
-                    rows = run_cell(model, engines, cell, opts, result.roofs.get(cell.threads),
-                                    workdir, view)
-                    result.rows.extend(rows)
-                    rank_and_compare(result.rows)
-                    view.cell_done(rows, cell_work(model.mf.config, cell, candidates))
-                if opts.profile:
-                    current = f"profile {spec.name}"
-                    from .profile import profile_cell
-                    result.profile = profile_cell(model, grid[0], opts, result.rows, view)
-                del model
+                for weight_dtype in opts.weight_dtypes:
+                    current = f"loading {spec.name} ({weight_dtype} weights)"
+                    model = load_model(spec, weight_dtype, opts, workdir, view)
+                    result.models.append(model.info)
+                    backend_info.update({n: b.info() for n, b in model.backends.items()})
+                    result.versions = versions(backend_info)
+                    if len(result.models) == 1:  # the others are taken to be alike
+                        view.set_total(sum(cell_work(model.mf.config, c, candidates) for c in grid)
+                                       * variants)
+                    for cell in grid:
+                        for backend in (model.ref32, *model.backends.values()):
+                            backend.set_threads(cell.threads)
+                        for dtype in opts.dtypes:
+                            current = " ".join([spec.name] + [f"{weight_dtype} weights"] * (weight_dtype != "float32")
+                                               + [f"{dtype} compute"] * (dtype != "float32") + [cell.label()])
+                            rows = run_cell(model, engines, cell, dtype, opts,
+                                            result.roofs.get(cell.threads), workdir, view)
+                            result.rows.extend(rows)
+                            rank_and_compare(result.rows)
+                            view.cell_done(rows, cell_work(model.mf.config, cell, candidates))
+                    if opts.profile:
+                        current = f"profile {spec.name}"
+                        from .profile import profile_cell
+                        result.profile = profile_cell(model, grid[0], opts, result.rows, view)
+                    del model
             for threads in opts.threads:  # a machine shared with other work shows it here
                 current = f"roofs at {threads} threads, at the end"
                 view.status(f"measuring the roofs again at {threads} thread{'s' * (threads > 1)}")
