@@ -45,13 +45,14 @@ xvalid generate --hidden 72 --heads 12 --kv-heads 4 --vocab 131 --seq-len 9 --ba
   --layers 2 --max-pos 16 -o "$tmp/m.json" > /dev/null
 "$venv/bin/python" - "$tmp" <<'PY'
 import sys
-from xvalid.bench.weight_dtype import convert, write_stored
-from xvalid.modelfile import read_model
+from xvalid.dtypes import store_weights
+from xvalid.modelfile import read_model, write_model
 mf = read_model(f"{sys.argv[1]}/m.json")
 for weight_dtype, block_size in (("float16", 32), ("bfloat16", 32), ("int8", 32), ("int8", 5)):
-    typed, stored = convert(mf, weight_dtype, block_size)
+    typed = store_weights(mf, weight_dtype, block_size)
     for container in ("json", "safetensors"):
-        write_stored(typed, stored, f"{sys.argv[1]}/typed-{weight_dtype}-{block_size}.{container}", container)
+        write_model(typed, f"{sys.argv[1]}/typed-{weight_dtype}-{block_size}.{container}",
+                    progress=False, container=container)
 PY
 for model in "$tmp"/typed-*; do
   for kernel in fast clear; do

@@ -276,8 +276,8 @@ def test_an_int8_backend_that_ignores_the_scales_is_invalid(cli, tmp_path, regis
     import dataclasses
 
     from xvalid.backends import CppBackend
-    from xvalid.bench.weight_dtype import quantize_q8, write_stored
-    from xvalid.modelfile import named_tensors
+    from xvalid.dtypes import quantize_q8
+    from xvalid.modelfile import named_tensors, write_model
 
     def no_scales(path, mf):
         if "int8" in Path(path).name:  # the file's integers, every scale 1
@@ -287,7 +287,8 @@ def test_an_int8_backend_that_ignores_the_scales_is_invalid(cli, tmp_path, regis
                     q = quantize_q8(array)  # the stored integers again (mf holds their values)
                     forms[key] = dataclasses.replace(q, scales=np.ones_like(q.scales))
             path = Path(str(path) + ".noscales.safetensors")
-            write_stored(mf, forms, path, "safetensors")
+            write_model(dataclasses.replace(mf, storage=forms), path, progress=False,
+                        container="safetensors")
         return CppBackend(path, "fast", "noscales")
 
     registered("noscales", no_scales)

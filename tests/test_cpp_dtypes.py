@@ -17,11 +17,11 @@ import pytest
 from conftest import CliResult, find_runner
 
 from xvalid.backends import CppBackend, TorchBackend
-from xvalid.bench.weight_dtype import convert, write_stored
 from xvalid.compare import Candidate, derive_tolerance, judge, run_reference
 from xvalid.config import ModelConfig
+from xvalid.dtypes import store_weights
 from xvalid.generate import generate_model
-from xvalid.modelfile import named_tensors
+from xvalid.modelfile import named_tensors, write_model
 from xvalid.reference import intermediate_names
 
 RUNNER = find_runner()
@@ -56,9 +56,9 @@ def typed_files(tmp_path_factory):
             heads, kv_heads, container = LAYOUTS[layout]
             original = generate_model(model_config(heads, kv_heads), batch_size=B, seq_len=S, seed=7, pad=2)
             weight_dtype, block_size = STORAGES[storage]
-            mf, stored = convert(original, weight_dtype, block_size)
+            mf = store_weights(original, weight_dtype, block_size)
             path = folder / f"{storage}-{layout}.{container}"
-            write_stored(mf, stored, path, container)
+            write_model(mf, path, progress=False, container=container)
             ref = run_reference(TorchBackend(mf, "float32"), TorchBackend(mf, "float64"),
                                 mf.input_ids, mf.attention_mask, capture=True)
             cache[storage, layout] = (path, mf, original, ref, derive_tolerance(ref))
@@ -386,9 +386,9 @@ def test_runner_holds_the_weights_as_stored_not_as_float32(tmp_path, container):
     original = generate_model(cfg, batch_size=1, seq_len=4, seed=3, pad=0)
     peaks = {}
     for weight_dtype in ("float32", "int8"):
-        mf, stored = convert(original, weight_dtype)
+        mf = store_weights(original, weight_dtype)
         path = tmp_path / f"{weight_dtype}.{container}"
-        write_stored(mf, stored, path, container)
+        write_model(mf, path, progress=False, container=container)
         proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, RUNNER, path, tmp_path / "out", "--threads", "1"],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr

@@ -459,10 +459,8 @@ def test_an_engine_that_ignores_the_stored_weights_fails(cli, files, tmp_path, n
     assert report["candidates"][1]["metrics"]["budget_used"] > 10
 
 
-CPP_PENDING = pytest.mark.xfail(strict=False, reason="C++ dtypes land with the ckernel branch")
 
 
-@CPP_PENDING
 @pytest.mark.parametrize("backend", ["cpp", "cpp-clear"])
 @pytest.mark.parametrize("name", DTYPES)
 def test_cpp_kernels_pass_at_the_float32_budget(cli, files, tmp_path, name, backend):
@@ -472,7 +470,6 @@ def test_cpp_kernels_pass_at_the_float32_budget(cli, files, tmp_path, name, back
     assert [c["status"] for c in report["candidates"]] == ["pass", "pass"]
 
 
-@CPP_PENDING
 @pytest.mark.parametrize("name", DTYPES)
 def test_cpp_reads_both_containers_alike(cli, files, tmp_path, name):
     st_path = tmp_path / "m.safetensors"

@@ -516,10 +516,8 @@ def test_both_readers_find_the_same_too_deep_bracket(tmp_path, text, deep):
 # ---- reduced-precision weights and the source record (format version 2) ---------------------
 # Edits of the base model with weights stored as int8, float16 or bfloat16 (converted here,
 # by hand, not by xvalid's writer). The Python reader's messages are the contract of
-# docs/model-format.md; the C++ loader learns the dtypes with the ckernel branch (until then
-# its half of the test is expected to fail).
+# docs/model-format.md, and the C++ loader must say the same.
 
-CPP_PENDING = pytest.mark.xfail(strict=False, reason="C++ dtypes land with the ckernel branch")
 
 
 def _values(tensor: dict) -> np.ndarray:
@@ -647,8 +645,8 @@ DTYPE_CASES = {
     "norm-dtype-reserved": (lambda d: d["weights"]["final_rms"].update(dtype="float8_e4m3"),
                             "weights.final_rms: dtype float8_e4m3 is not supported yet (format version 2 reads "
                             "float32, float16 or bfloat16 here)"),
-    "source-no-logits": (_with_source(lambda s: s.pop("logits")), "missing key 'source.logits'"),
-    "source-no-weight-dtype": (_with_source(lambda s: s.pop("weight_dtype")), "missing key 'source.weight_dtype'"),
+    "source-no-logits": (_with_source(lambda s: s.pop("logits")), "source.logits: missing from the model file"),
+    "source-no-weight-dtype": (_with_source(lambda s: s.pop("weight_dtype")), "source.weight_dtype: missing from the model file"),
     "source-weight-dtype-number": (_with_source(lambda s: s.update(weight_dtype=32)),
                                    "source.weight_dtype: expected a string, found 32"),
     "source-not-an-object": (lambda d: d.update(source=[1]), "source: expected an object, found list"),
@@ -695,7 +693,6 @@ def test_reduced_precision_valid_files_are_read(cli, tmp_path, name):
     assert np.isfinite(np.load(tmp_path / "l.npy")).all()
 
 
-@CPP_PENDING
 @pytest.mark.parametrize("name", [*DTYPE_CASES, *DTYPE_VALID])
 def test_both_readers_agree_on_reduced_precision_files(tmp_path, name):
     path = tmp_path / f"{name}.json"

@@ -131,7 +131,7 @@ def _extra_layer(d):
 
 
 CORRUPTIONS = {
-    "missing config": (lambda d: d.pop("config"), "missing key 'config'"),
+    "missing config": (lambda d: d.pop("config"), "config: missing from the model file"),
     "missing layer tensor": (lambda d: d["weights"]["layers"][1].pop("wk"),
                              "weights.layers[1].wk"),
     "missing rope": (lambda d: d["rope"].pop("sin"), "rope.sin"),
@@ -176,7 +176,7 @@ CORRUPTIONS = {
     "meta head_dim": (lambda d: d["meta"].__setitem__("head_dim", 16), "meta.head_dim"),
     "layers not a list": (lambda d: d["weights"].__setitem__("layers", {}), "expected a list"),
     "tensor not an object": (lambda d: d["rope"].__setitem__("cos", [1, 2]), "rope.cos"),
-    "top level list": (lambda d: (d.clear(), d.update({"x": 1})), "missing key 'config'"),
+    "top level list": (lambda d: (d.clear(), d.update({"x": 1})), "config: missing from the model file"),
     "lm_head shape": (_replace_tensor('["weights"]["lm_head"]', np.zeros((64, 128), np.float32)),
                       "weights.lm_head: shape expected [128, 64], found [64, 128]"),
     "extra layer": (_extra_layer, "expected 2 layers (config.num_hidden_layers), found 3"),
@@ -193,7 +193,7 @@ CPP_NEEDLES = {
     "missing rope": "rope.sin: missing",
     "wrong shape": "weights.layers[0].wk: shape expected [16, 64], found [64, 64]",
     "bad base64": "weights.final_rms: invalid base64 character '!' at offset 0",
-    "short data": "weights.final_rms: data holds 252 bytes, shape [64] needs 256",
+    "short data": "weights.final_rms: data holds 336 base64 characters, expected 344 for shape [64] float32",
     "float8 weights": "weights.layers[0].wq: dtype float8_e4m3 is not supported yet",
     "unknown dtype": "weights.tok_embedding: dtype expected float32, float16, bfloat16 or int8, found 'complex64'",
     "hex encoding": "weights.tok_embedding: encoding expected 'base64', found 'hex'",

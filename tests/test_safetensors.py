@@ -203,9 +203,8 @@ def test_hostile_safetensors_refused_alike(cli, st_model, tmp_path, name):
 # ---- reduced-precision weights in safetensors -----------------------------------------------
 # The base model with int8 weights (blocks of 2) and a source record, written by `convert
 # --weight-dtype int8`, then damaged. The same lines as the JSON container's (docs/model-
-# format.md); the C++ loader's half waits for the ckernel branch.
+# format.md), from both loaders.
 
-CPP_PENDING = pytest.mark.xfail(strict=False, reason="C++ dtypes land with the ckernel branch")
 WQ = "weights.layers[0].wq"
 
 
@@ -274,8 +273,8 @@ ST_DTYPE_CASES = {
     "lying-dtype-bf16-shape": (edit_header(lambda h: h["weights.final_rms"].update(dtype="BF16", shape=[8])),
                                "weights.final_rms: shape expected [4], found [8]"),
     "float16-inf": (None, "weights.final_rms: non-finite value inf at index [1] (1 in all)"),
-    "source-no-metadata": (_metadata(lambda m: m.pop("source")), "missing key 'source.weight_dtype'"),
-    "source-no-tensor": (_rename("source.logits", "source.logitz"), "missing key 'source.logits'"),
+    "source-no-metadata": (_metadata(lambda m: m.pop("source")), "source.weight_dtype: missing from the model file"),
+    "source-no-tensor": (_rename("source.logits", "source.logitz"), "source.logits: missing from the model file"),
     "source-metadata-not-an-object": (_metadata(lambda m: m.update(source="[1]")),
                                       "__metadata__.source: expected an object, found [1]"),
 }
@@ -320,7 +319,6 @@ def test_reduced_precision_safetensors_refused_in_one_line(cli, q_model, tmp_pat
     assert str(err.value) == want
 
 
-@CPP_PENDING
 @pytest.mark.parametrize("name", ST_DTYPE_CASES)
 def test_cpp_refuses_reduced_precision_safetensors_alike(q_model, tmp_path, name):
     from xvalid import _core

@@ -77,6 +77,17 @@ std::string join_key(const std::string& parent, const std::string& name) {
     return parent.empty() ? name : parent + "." + name;
 }
 
+// A JSON value's type as the Python reader names it in its messages (json.loads' types).
+std::string python_type(const nlohmann::json& value) {
+    if (value.is_object()) return "dict";
+    if (value.is_array()) return "list";
+    if (value.is_string()) return "str";
+    if (value.is_boolean()) return "bool";
+    if (value.is_number_float()) return "float";
+    if (value.is_number()) return "int";
+    return "NoneType";
+}
+
 std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "[";
     for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -192,6 +203,7 @@ private:
 struct DecodedData {
     std::vector<float> values;  // the bytes, in float-aligned storage: float32 tensors move out
     size_t nbytes = 0;
+    size_t chars = 0;           // the base64 text's length
 };
 constexpr size_t kDecodeWhileParsing = 4096;
 
@@ -752,7 +764,7 @@ private:
         const std::string key = spec::kSourceKey;
         const json* source = find(root, key.c_str());
         if (!source) return;
-        if (!source->is_object()) fail(key, "expected an object, found " + brief(*source));
+        if (!source->is_object()) fail(key, "expected an object, found " + python_type(*source));
         const json& weight_dtype = member(*source, key, "weight_dtype");
         if (!weight_dtype.is_string()) fail(key + ".weight_dtype", "expected a string, found " + brief(weight_dtype));
         TensorEntry logits = entry(*source, key, spec::kSourceLogitsKey, spec::kSourceLogitsDtype);
@@ -827,6 +839,7 @@ private:
         if (n < kDecodeWhileParsing || n % 4 != 0) return false;
         DecodedData d;
         d.nbytes = base64::decoded_size(text, n);
+        d.chars = n;
         size_t count = (d.nbytes + sizeof(float) - 1) / sizeof(float);
         d.values.reserve(count);
         advise_huge_pages(d.values.data(), count * sizeof(float));
@@ -1015,7 +1028,7 @@ private:
         t.key = join_key(parent_key, name);
         const json& node = member(parent, parent_key, name);
         t.node = &node;
-        if (!node.is_object()) fail(t.key, "expected a tensor {shape, dtype, encoding, data}, found " + brief(node));
+        if (!node.is_object()) fail(t.key, "expected a tensor object, found " + python_type(node));
         auto string_field = [&](const char* field) -> const std::string& {
             const json& value = member(node, t.key, field);
             if (!value.is_string()) fail(t.key, std::string(field) + " must be a string, found " + brief(value));
@@ -1084,7 +1097,7 @@ private:
             return values;
         }
         const std::string& text = *t.base64;
-        if (text.size() % 4 != 0) fail(t.key, "invalid base64: length " + std::to_string(text.size()) + " is not a multiple of 4");
+        expect_chars(t, text.size(), numel * sizeof(T));
         size_t nbytes = base64::decoded_size(text.data(), text.size());
         expect_bytes(t, nbytes, numel * sizeof(T));
         std::vector<T> values(numel);
@@ -1093,6 +1106,16 @@ private:
             fail(t.key, "invalid base64 character " + char_str((unsigned char)text[bad]) + " at offset " + std::to_string(bad));
         }
         return values;
+    }
+
+    // Checked before anything is decoded, in the Python reader's words: a base64 text of
+    // `needed` bytes has exactly 4 * ceil(needed / 3) characters.
+    void expect_chars(const TensorEntry& t, size_t chars, size_t needed) const {
+        size_t want = 4 * ((needed + 2) / 3);
+        if (chars != want) {
+            fail(t.key, "data holds " + std::to_string(chars) + " base64 characters, expected " + std::to_string(want) +
+                            " for shape " + shape_str(t.shape) + " " + t.dtype);
+        }
     }
 
     void expect_bytes(const TensorEntry& t, size_t nbytes, size_t needed) const {
@@ -1105,6 +1128,7 @@ private:
     // The bytes decoded while parsing, as T: float32 tensors take the buffer itself.
     template <typename T>
     std::vector<T> take_decoded(const TensorEntry& t, size_t numel) const {
+        expect_chars(t, t.decoded->chars, numel * sizeof(T));
         expect_bytes(t, t.decoded->nbytes, numel * sizeof(T));
         if constexpr (std::is_same_v<T, float>) {
             std::vector<float> values = std::move(t.decoded->values);

@@ -342,7 +342,7 @@ def _require(parent: dict, name: str, where: str = ""):
     """parent[name]; a missing (or null) key is the file's first problem."""
     value = parent.get(name)
     if value is None:
-        raise ModelFileError(f"missing key '{where}{name}'")
+        raise ModelFileError(f"{where}{name}: missing from the model file")
     return value
 
 

@@ -40,8 +40,8 @@ import numpy as np
 from ..backends import DEFAULT_BACKENDS, Backend, TorchBackend, backend_names, get_spec
 from ..compare import (Candidate, Tolerance, derive_tolerance, judge, load_backend,
                        run_engine, run_reference, versions)
-from . import weight_dtype as stored_weights
 from ..config import ModelConfig
+from ..dtypes import store_weights
 from ..engines import EngineRequest, ExternalEngine, make_engines
 from ..errors import (EXIT_ENGINE, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_PASS, EngineError,
                       XValidError)
@@ -167,12 +167,15 @@ def load_model(spec: ModelSpec, weight_dtype: str, opts: BenchOptions, workdir: 
         view.status(f"generating {spec.name}")
         mf = generate_model(spec.config, batch_size=1, seq_len=1, seed=opts.seed, pad=0)
         path, source = None, "preset"
-    mf, stored = stored_weights.convert(mf, weight_dtype)
+    converted = weight_dtype != mf.weight_dtype
+    if converted:  # the stored values define the model (dtypes.store_weights)
+        mf = store_weights(mf, weight_dtype)
+    stored = mf.storage
     needs_file = opts.engines or any(not get_spec(n).reference for n in opts.backends)
-    if stored and needs_file:
+    if needs_file and converted:
         view.status(f"writing {spec.name} with {weight_dtype} weights")
         path = workdir / f"{spec.name}-{weight_dtype}.safetensors"
-        stored_weights.write_stored(mf, stored, path, "safetensors")
+        write_model(mf, path, progress=False, container="safetensors")
     elif path is None and needs_file:
         path = workdir / f"{spec.name}.json"  # the C++ backends read the weights from a file
         write_model(mf, path, progress=False)
@@ -382,10 +385,7 @@ def run_cell(model: LoadedModel, engines: list[ExternalEngine], cell: Cell, dtyp
         cell_path = workdir / f"cell-{model.weight_dtype}-{cell.batch}x{cell.seq}+{cell.gen}.json"
         cell_mf = dataclasses.replace(model.mf, input_ids=ids, attention_mask=mask,
                                       meta=dict(model.mf.meta, bench_cell=cell.label()))
-        if model.stored:
-            stored_weights.write_stored(cell_mf, model.stored, cell_path, "json")
-        else:
-            write_model(cell_mf, cell_path, progress=False)
+        write_model(cell_mf, cell_path, progress=False)  # cell_mf keeps the stored form
         for engine in engines:
             view.status(f"{cell.label()}: validating {engine.name}")
             request = EngineRequest(cell.positions, N, cell.threads, 1, opts.warmup,
