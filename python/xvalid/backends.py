@@ -29,12 +29,15 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable
 
 from .errors import BuildError, InputError, ModelFileError, XValidError
-from .modelfile import ModelFile
+
+if TYPE_CHECKING:  # numpy and the model file's module are imported where used: the CLI
+    import numpy as np  # imports this registry first and starts a pending C++ rebuild
+                        # (start_loading_core) before anything heavy
+
+    from .modelfile import ModelFile
 
 
 class Backend(abc.ABC):
@@ -60,6 +63,7 @@ class Backend(abc.ABC):
 
     def decode(self, ids, mask, n_prefill: int) -> np.ndarray:
         """Prefill n_prefill tokens, then one token a step: logits (B, S - n_prefill, V)."""
+        import numpy as np
         self.reset_cache()
         self.step(ids[:, :n_prefill], mask[:, :n_prefill])
         return np.concatenate([self.step(ids[:, t:t + 1], mask[:, :t + 1])
@@ -185,15 +189,35 @@ def _quiet_stderr_fd():
 _core_import: Future | None = None
 
 
+def _editable_rebuild_finder():
+    """scikit-build-core's import finder when this is an editable install that rebuilds the
+    compiled module on its first import and has not yet (docs/dev-loop.md), else None."""
+    for finder in sys.meta_path:
+        if ("xvalid._core" in getattr(finder, "known_wheel_files", ())
+                and getattr(finder, "rebuild_flag", False) is True
+                and getattr(finder, "rebuilt", True) is False
+                and callable(getattr(finder, "rebuild", None))):
+            return finder
+    return None
+
+
 def _import_core():
+    # The editable install's finder rebuilds inside the import of _core, where Python holds
+    # its global import lock: every import in the main thread would wait for the compiler.
+    # So the rebuild runs here first, outside that lock, and the import finds nothing to do.
+    finder = _editable_rebuild_finder()
+    if finder is not None:
+        finder.rebuilt = True  # as the finder marks it itself: one rebuild per process
+        finder.rebuild()       # subprocess.CalledProcessError when the build fails
     from . import _core
     return _core
 
 
 def start_loading_core() -> None:
     """Begin importing the compiled module in a background thread. In an editable install the
-    import rebuilds changed C++ (a compiler subprocess), which then overlaps the second or so
-    that Python spends importing torch: the edit-to-verdict loop gets that much shorter."""
+    import first rebuilds changed C++ (a compiler subprocess), which then overlaps what Python
+    does meanwhile (imports, reading the model file and the cached reference, or importing
+    torch and computing it): the edit-to-verdict loop gets that much shorter."""
     global _core_import
     if _core_import is None:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xvalid-core-import")
