@@ -140,10 +140,15 @@ def _stat_signature(st: os.stat_result) -> list[int]:
 
 
 def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fp:
-        while chunk := fp.read(4 * MIB):
-            digest.update(chunk)
+        return _hash_stream(fp)
+
+
+def _hash_stream(fp) -> str:
+    """sha256 of what is left in a binary file object, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    while chunk := fp.read(4 * MIB):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -260,22 +265,23 @@ class ReferenceCache:
 
     @staticmethod
     def _read_arrays(path: Path, manifest: dict) -> dict[str, np.ndarray]:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise EntryDamaged(f"its arrays are unreadable ({exc.strerror or exc})") from None
-        if len(data) != manifest.get("npz_bytes"):
-            raise EntryDamaged(f"its arrays file has {len(data)} bytes, the manifest says "
-                               f"{manifest.get('npz_bytes')}")
-        if hashlib.sha256(data).hexdigest() != manifest["npz_sha256"]:
-            raise EntryDamaged("its arrays do not match their checksum")
-        import io
+        """The arrays, hashed and then read through one open file (a file renamed over this
+        one meanwhile cannot be hashed in part and read in part)."""
         import zipfile
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
+            with open(path, "rb") as fp:
+                size = os.fstat(fp.fileno()).st_size
+                if size != manifest.get("npz_bytes"):
+                    raise EntryDamaged(f"its arrays file has {size} bytes, the manifest says "
+                                       f"{manifest.get('npz_bytes')}")
+                if _hash_stream(fp) != manifest["npz_sha256"]:
+                    raise EntryDamaged("its arrays do not match their checksum")
+                fp.seek(0)
+                with np.load(fp, allow_pickle=False) as npz:
+                    arrays = {name: npz[name] for name in npz.files}
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-            raise EntryDamaged(f"its arrays are unreadable ({cut(str(exc))})") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise EntryDamaged(f"its arrays are unreadable ({cut(reason)})") from None
         described = {name: {"dtype": str(a.dtype), "shape": list(a.shape)}
                      for name, a in arrays.items()}
         if described != manifest["arrays"]:
@@ -288,30 +294,43 @@ class ReferenceCache:
         """Write the entry of `key` (replacing any), then evict down to the cap. Returns None
         when stored, else why not (too large for the cap, or the directory not writable): the
         cache only saves time, so a failed write is reported, not an error."""
-        import io
-        buffer = io.BytesIO()
-        np.savez(buffer, **{name: np.ascontiguousarray(a) for name, a in arrays.items()})
-        data = buffer.getvalue()
-        manifest = {"format": MANIFEST_FORMAT, "key": key,
-                    "arrays": {name: {"dtype": str(a.dtype), "shape": list(a.shape)}
-                               for name, a in arrays.items()},
-                    "npz_bytes": len(data), "npz_sha256": hashlib.sha256(data).hexdigest(),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "meta": meta}
-        text = json.dumps(manifest, indent=1).encode()
-        size = len(data) + len(text)
-        if size > self.cap:
-            return (f"the entry ({size / MIB:.1f} MiB) is larger than the cache's cap "
-                    f"({self.cap / MIB:.0f} MiB, {CAP_VARIABLE})")
         name = key_hash(key)
         npz, manifest_path = self.paths(name)
+        nbytes = sum(a.nbytes for a in arrays.values())
+        if nbytes > self.cap:  # before writing anything
+            return self._too_large(nbytes)
+        tmp = None
         try:
             self.entries_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(npz, data)
+            fd, tmp = tempfile.mkstemp(prefix=f".{npz.name}.", suffix=".tmp",
+                                       dir=self.entries_dir)
+            with os.fdopen(fd, "w+b") as fp:
+                np.savez(fp, **{k: np.ascontiguousarray(a) for k, a in arrays.items()})
+                size = fp.tell()
+                fp.seek(0)
+                digest = _hash_stream(fp)
+            manifest = {"format": MANIFEST_FORMAT, "key": key,
+                        "arrays": {k: {"dtype": str(a.dtype), "shape": list(a.shape)}
+                                   for k, a in arrays.items()},
+                        "npz_bytes": size, "npz_sha256": digest,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "meta": meta}
+            text = json.dumps(manifest, indent=1).encode()
+            if size + len(text) > self.cap:
+                return self._too_large(size + len(text))
+            os.replace(tmp, npz)
+            tmp = None
             _atomic_write_bytes(manifest_path, text)  # last: the entry is whole from here on
         except OSError as exc:
             return f"cannot write in {self.entries_dir} ({exc.strerror or exc})"
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
         self.evict(keep=name)
         return None
+
+    def _too_large(self, nbytes: int) -> str:
+        return (f"the entry ({nbytes / MIB:.1f} MiB) is larger than the cache's cap "
+                f"({self.cap / MIB:.0f} MiB, {CAP_VARIABLE})")
 
     def list_entries(self) -> list[EntryFile]:
         """Every entry (a manifest and its arrays, or either alone), oldest use first."""
