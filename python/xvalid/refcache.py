@@ -10,9 +10,9 @@ in its reference/ folder. An entry is two files named by the key's hash:
               of KEY.npz, and small JSON results beside the arrays (the caller's `meta`)
 
 The key covers everything the stored outputs depend on: the sha256 of the model file's bytes,
-the caller's options, the xvalid and torch versions, the source of the reference code and
-this cache's format (reference_key). Each file is written to a temporary name and renamed into
-place, the manifest last: a reader sees a whole entry or none. An entry whose manifest is
+the caller's options, the xvalid, torch and numpy versions, a digest of xvalid's Python
+modules and this cache's format (reference_key). Each file is written to a temporary name and
+renamed into place, the manifest last: a reader sees a whole entry or none. An entry whose manifest is
 unreadable, whose key differs, whose arrays are short or do not match their checksum is
 "damaged" or "stale": the caller recomputes and overwrites it, and says so.
 
@@ -46,9 +46,6 @@ MIB = 1024 * 1024
 DIGEST_INDEX = "digests.json"
 DIGEST_INDEX_LIMIT = 512   # files remembered in digests.json; the least recent are dropped
 ENTRY_SUFFIXES = (".npz", ".json")
-# The reference's code: a changed forward pass (an xvalid checkout between releases) must not
-# be answered with outputs of the old one.
-REFERENCE_SOURCES = ("reference.py", "backends.py")
 
 
 def cache_dir() -> Path:
@@ -101,10 +98,12 @@ def torch_version() -> str | None:
 
 
 def _source_digest() -> str:
-    here = Path(__file__).parent
+    """A digest of xvalid's own Python modules (the reference, the file reader, compare): in a
+    checkout between releases, an edit to any of them is a new reference. About 2 ms; a C++
+    edit leaves it unchanged."""
     digest = hashlib.sha256()
-    for name in REFERENCE_SOURCES:
-        digest.update((here / name).read_bytes())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
