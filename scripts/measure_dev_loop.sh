@@ -13,7 +13,7 @@ export XVALID_CACHE_DIR=$work/cache   # a cache of its own: the user's is not to
 model=$work/tiny.json
 .venv/bin/xvalid generate -o "$model" > /dev/null
 .venv/bin/xvalid compare "$model" -q > /dev/null   # build anything pending, fill the cache
-echo "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), load $(cut -d' ' -f1-3 /proc/loadavg)${PYTHONDONTWRITEBYTECODE:+; PYTHONDONTWRITEBYTECODE is set, so the modules of xvalid are compiled on every run unless .pyc files exist}"
 
 seconds() {  # seconds COMMAND...: the wall time of one run, stdout discarded
   local start
@@ -22,8 +22,10 @@ seconds() {  # seconds COMMAND...: the wall time of one run, stdout discarded
   echo "$(date +%s.%N) - $start" | bc
 }
 
-for label in "touch csrc/kernel/fast/simd_ops.cpp (fast kernel, two ISA variants)" \
+for label in "touch csrc/kernel/fast/simd_ops.cpp (fast kernel's element-wise ops, two ISA variants)" \
+             "touch csrc/kernel/fast/simd_attention.cpp (fast kernel's attention, two ISA variants)" \
              "touch csrc/kernel/fast/fast_kernel.cpp (fast kernel's op table)" \
+             "touch csrc/kernel/fast/matmul_avx2.cpp (the AVX2 matmul micro-kernel)" \
              "touch csrc/kernel/ops.cpp (clear kernel)" \
              "touch csrc/kernel/transformer.cpp (the forward)" \
              "nothing changed" "nothing changed, --no-cache (torch imported)"; do
