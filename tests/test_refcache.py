@@ -145,6 +145,32 @@ def test_a_file_rewritten_in_place_misses(cli, tmp_path, counted_reference):
     assert judged(after) == judged(fresh) != judged(before)
 
 
+def test_a_file_rewritten_while_compare_reads_it_is_not_cached(cli, tmp_path, make_model,
+                                                                 monkeypatch,
+                                                                 fresh_reference_cache):
+    """The reference is computed from the bytes read; were the file replaced before its digest
+    is taken, the entry would file the old reference under the new bytes: nothing is stored."""
+    model, other = make_model(seed=1), make_model(seed=2)
+    real_prepare = compare.prepare
+
+    def prepare_then_replace(*args, **kwargs):
+        prepared = real_prepare(*args, **kwargs)
+        model.write_bytes(other.read_bytes())
+        return prepared
+
+    monkeypatch.setattr(compare, "prepare", prepare_then_replace)
+    _, report = report_of(cli, tmp_path, model, "--backends", "torch", name="1.json")
+    assert report["reference_cache"]["lookup"] == "off" and not report["reference_cache"]["stored"]
+    assert "changed while compare read it" in report["reference_cache"]["reason"]
+    assert entry_files(fresh_reference_cache) == []
+    monkeypatch.setattr(compare, "prepare", real_prepare)
+    _, after = report_of(cli, tmp_path, model, "--backends", "torch", name="2.json")
+    _, expected = report_of(cli, tmp_path, other, "--backends", "torch", name="3.json")
+    assert after["reference_cache"]["lookup"] == "miss"
+    assert expected["reference_cache"]["lookup"] == "hit"  # same bytes as the rewritten file
+    assert judged(after) == judged(expected)
+
+
 def test_the_digest_follows_the_bytes_not_the_timestamps(tmp_path):
     """Same size, the old mtime put back: the recorded digest is not reused (the inode's change
     time moved), and a copy elsewhere with the same bytes has the same digest."""

@@ -252,16 +252,23 @@ def reference_options(opts: CompareOptions) -> dict:
 
 
 def reference_step(model: Path, mf: ModelFile, opts: CompareOptions, parse_s: float,
-                   progress) -> ReferenceStep:
+                   progress, read_signature: list[int] | None = None) -> ReferenceStep:
     """Step 1: the reference from the cache when it holds this file's with these options
-    (torch is not imported), else computed (run_reference), to be stored after the run."""
+    (torch is not imported), else computed (run_reference), to be stored after the run.
+    read_signature: the file's refcache.stat_signature from before `mf` was read; the cache
+    is used only if the file is still the same after its digest is taken."""
     cache = key = None
     lookup = refcache.Lookup("off", reason="--no-cache" if not opts.cache else
                              f"{model} is not a regular file")
     if opts.cache and model.is_file():
         progress("looking up the reference cache")
         cache = refcache.ReferenceCache()
-        key = refcache.reference_key(cache.file_digest(model), reference_options(opts))
+        digest = cache.file_digest(model)
+        if refcache.stat_signature(model) != read_signature:
+            cache, lookup = None, refcache.Lookup("off", reason=f"{model} changed while "
+                                                  f"compare read it")
+            return compute_reference(mf, opts, parse_s, progress, lookup)
+        key = refcache.reference_key(digest, reference_options(opts))
         lookup = cache.load(key)
         if lookup.status == "hit":
             try:
@@ -271,15 +278,15 @@ def reference_step(model: Path, mf: ModelFile, opts: CompareOptions, parse_s: fl
             else:
                 step.cache_report = cache_report(cache, lookup, "cache")
                 return step
-    step = compute_reference(mf, opts, parse_s, progress)
-    step.cache_report = cache_report(cache, lookup, "computed")
+    step = compute_reference(mf, opts, parse_s, progress, lookup, cache)
     step.store = (cache, key) if cache is not None else None
     return step
 
 
-def compute_reference(mf: ModelFile, opts: CompareOptions, parse_s: float,
-                      progress) -> ReferenceStep:
-    """The float32 and float64 reference forwards in torch, at the run's thread count."""
+def compute_reference(mf: ModelFile, opts: CompareOptions, parse_s: float, progress,
+                      lookup: refcache.Lookup, cache=None) -> ReferenceStep:
+    """The float32 and float64 reference forwards in torch, at the run's thread count;
+    `lookup`: why the cache did not supply them."""
     import torch
 
     threads = opts.threads or torch.get_num_threads()
@@ -291,7 +298,7 @@ def compute_reference(mf: ModelFile, opts: CompareOptions, parse_s: float,
     ref = run_reference(ref32, TorchBackend(mf, "float64"), mf.input_ids, mf.attention_mask,
                         opts.intermediates)
     torch_row = TorchRow(torch_load_ms, ref32.info()) if torch_is_candidate(opts) else None
-    return ReferenceStep(ref, threads, torch_row, ref32)
+    return ReferenceStep(ref, threads, torch_row, ref32, cache_report(cache, lookup, "computed"))
 
 
 def cache_report(cache, lookup: refcache.Lookup, source: str) -> dict:
@@ -639,8 +646,9 @@ def prepare(model: Path, opts: CompareOptions, progress) -> tuple[ModelFile, lis
 def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None) -> CompareResult:
     """Everything `xvalid compare` computes: prepare, reference, candidates, judge, time,
     report."""
+    read_signature = refcache.stat_signature(model)  # before the file is read
     mf, engines, parse_s = prepare(model, opts, progress)
-    step = reference_step(model, mf, opts, parse_s, progress)
+    step = reference_step(model, mf, opts, parse_s, progress, read_signature)
     ref, threads = step.ref, step.threads
     tol = derive_tolerance(ref, opts.atol, opts.rtol)
 

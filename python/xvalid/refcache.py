@@ -138,6 +138,15 @@ def _stat_signature(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def stat_signature(path: Path) -> list[int] | None:
+    """What changes when a file is written or replaced: (device, inode, size, mtime, ctime);
+    None when it cannot be read."""
+    try:
+        return _stat_signature(Path(path).stat())
+    except OSError:
+        return None
+
+
 def _hash_file(path: Path) -> str:
     with open(path, "rb") as fp:
         return _hash_stream(fp)
