@@ -7,9 +7,10 @@ the first divergent intermediate when intermediates exist, decode drift (--decod
 check for backends and engines, and an explicit "not supported" for an engine that cannot
 decode) and timing at one thread count.
 
-run_compare is five named steps: reference_step (run_reference, or the reference cache:
-refcache.py), run_candidates, judge, time_candidates, build_report. It returns a CompareResult: the plain JSON-able report (schema:
-schemas/compare-report.schema.json; report.py renders it) and, beside it, the logits.
+run_compare is five named steps: reference_step (run_reference, or the reference cache of
+refcache.py), run_candidates, judge, time_candidates, build_report. It returns a
+CompareResult: the plain JSON-able report (schema: schemas/compare-report.schema.json;
+report.py renders it) and, beside it, the logits.
 xvalid bench validates every cell of its grid with the same steps.
 """
 
@@ -226,7 +227,7 @@ class ReferenceStep:
     torch_row: TorchRow | None         # None when torch is not a candidate
     ref32: TorchBackend | None = None  # None when read from the cache: torch was not imported
     cache_report: dict = field(default_factory=dict)
-    store: object = None               # (cache, key) to store into after the run, or None
+    store: tuple | None = None         # (ReferenceCache, key) to store into after the run
 
 
 # CompareOptions fields by whether they change what reference_step returns, and so belong in
@@ -265,8 +266,7 @@ def reference_step(model: Path, mf: ModelFile, opts: CompareOptions, parse_s: fl
         cache = refcache.ReferenceCache()
         digest = cache.file_digest(model)
         if refcache.stat_signature(model) != read_signature:
-            cache, lookup = None, refcache.Lookup("off", reason=f"{model} changed while "
-                                                  f"compare read it")
+            lookup = refcache.Lookup("off", reason=f"{model} changed while compare read it")
             return compute_reference(mf, opts, parse_s, progress, lookup)
         key = refcache.reference_key(digest, reference_options(opts))
         lookup = cache.load(key)
