@@ -25,6 +25,7 @@ ctest --test-dir "$build" --output-on-failure
 echo "sanitize: the runner on tile-edge models" >&2
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+export XVALID_CACHE_DIR="$tmp/cache"  # compare's reference cache: not the user's
 for flags in "--hidden 72 --heads 12 --kv-heads 4 --vocab 131 --seq-len 33 --batch-size 3 --pad 2" \
              "--hidden 72 --heads 12 --kv-heads 3 --vocab 131 --seq-len 3 --batch-size 3 --pad 1" \
              "--hidden 72 --heads 12 --kv-heads 12 --vocab 131 --seq-len 1 --batch-size 3 --pad 0" \

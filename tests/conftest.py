@@ -7,9 +7,30 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The reference cache (docs/cache.md) never touches the user's: the whole session writes into a
+# temporary directory, and each test into its own (fresh_reference_cache), so that a test that
+# plants a defect in the reference cannot hand its outputs to another.
+SESSION_CACHE = tempfile.mkdtemp(prefix="xvalid-test-cache-")
+os.environ["XVALID_CACHE_DIR"] = SESSION_CACHE
+os.environ.pop("XVALID_CACHE_MAX_MB", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_reference_cache(tmp_path_factory, monkeypatch) -> Path:
+    """XVALID_CACHE_DIR: an empty directory of this test's own (subprocesses inherit it)."""
+    directory = tmp_path_factory.mktemp("xvalid-cache", numbered=True)
+    monkeypatch.setenv("XVALID_CACHE_DIR", str(directory))
+    return directory
+
 
 ENGINES = Path(__file__).parent / "engines"
 REPO = Path(__file__).resolve().parents[1]

@@ -55,3 +55,40 @@ def test_missing_module_is_a_one_line_error(cli, tiny_model, monkeypatch):
     monkeypatch.setattr(backends, "_import_core", not_built)
     monkeypatch.setattr(backends, "_core_import", None)
     cli("compare", tiny_model).assert_one_line_error(2, "the C++ backend is not built")
+
+
+def test_the_rebuild_runs_outside_the_import_lock(monkeypatch):
+    """The editable finder rebuilds inside the import of _core, under Python's global import
+    lock; xvalid runs the rebuild itself first, so the main thread keeps importing (and reading
+    the model file) while the compiler runs. A stand-in finder whose rebuild waits for the main
+    thread to import a module: under the import lock that import could not finish."""
+    import threading
+
+    from xvalid import backends
+
+    pytest.importorskip("xvalid._core")
+    started, imported = threading.Event(), threading.Event()
+
+    class RebuildingFinder:
+        known_wheel_files = {"xvalid._core": "_core.so"}
+        rebuild_flag, rebuilt = True, False
+        calls = 0
+
+        def find_spec(self, *args):
+            return None
+
+        def rebuild(self):
+            type(self).calls += 1
+            started.set()
+            assert imported.wait(timeout=20), "the main thread's import waited for the rebuild"
+
+    finder = RebuildingFinder()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    monkeypatch.setattr(backends, "_core_import", None)
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    backends.start_loading_core()
+    assert started.wait(timeout=20)
+    import colorsys  # noqa: F401  (a module nothing imported yet)
+    imported.set()
+    assert backends.load_core() is sys.modules["xvalid._core"]
+    assert finder.rebuilt is True and RebuildingFinder.calls == 1

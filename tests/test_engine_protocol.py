@@ -130,7 +130,9 @@ def test_threads_and_protocol_values_reach_the_engine(cli, tmp_path, bug_model):
     """An engine that records its environment and its placeholders, then runs seed-style: so it
     is also timed as a process, in a second run asked for no decode and no intermediates."""
     log = tmp_path / "runs.txt"
-    record = (f"env | grep -E '^(XVALID_|OMP_NUM_THREADS=)' | sort >> {log} && "
+    # (XVALID_CACHE_DIR: conftest's, for xvalid itself; not a protocol variable)
+    record = (f"env | grep -E '^(XVALID_|OMP_NUM_THREADS=)' | grep -v '^XVALID_CACHE_DIR=' "
+              f"| sort >> {log} && "
               f"echo args {{threads}} {{decode}} {{prefill}} {{repeat}} {{warmup}} {{dtype}} >> {log} && "
               f"echo --- >> {log}")
     result, report = compare_json(cli, tmp_path, bug_model, "--threads", 3, "--decode", 2,

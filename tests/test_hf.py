@@ -419,7 +419,7 @@ def test_hf_backend_runs_transformers_on_the_files_weights(tmp_path, checkpoints
     """The hf candidate is transformers' own computation on the file's weights: its logits
     move when one of its weights does, it captures every named intermediate, and a file
     whose RoPE tables are not the ones transformers computes from rope_theta is refused."""
-    from xvalid.backends import HfBackend
+    from xvalid.hf_backend import HfBackend
     from xvalid.errors import ModelFileError
     model = tmp_path / "m.json"
     assert cli("import", checkpoints["tied-1-file"][0], "-o", model, "--seq-len", 6).code == 0

@@ -58,22 +58,22 @@ MUTATIONS = {
         "nan": (NAN, (None, "logits")),
     },
     "fast": {
-        "gqa": ([("fast/simd_ops.cpp", "size_t slab = ((size_t)b * KVH + g) * capacity * hd;\n"
+        "gqa": ([("fast/simd_attention.cpp", "size_t slab = ((size_t)b * KVH + g) * capacity * hd;\n"
                                        "    const float* keys",
                   "size_t slab = ((size_t)b * KVH + (g + 1) % KVH) * capacity * hd;\n"
                   "    const float* keys")],
                 (0, "attn_heads")),
         "rope-k-missing": ([("fast/simd_ops.cpp", "rotate_half(kg, c, s, half);", "")], (0, "k")),
         "rope-interleaved": (rope_interleaved("fast/simd_ops.cpp", " " * 8), (0, "q")),
-        "no-padding-mask": ([("fast/simd_ops.cpp", "if (key_mask[j0 + j] == 0) s[j / 8][j % 8] += -1e9f;", ";")],
+        "no-padding-mask": ([("fast/simd_attention.cpp", "if (key_mask[j0 + j] == 0) s[j / 8][j % 8] += -1e9f;", ";")],
                             (0, "attn_heads")),
         "attn-lost": (ATTN_LOST, (0, "attn_residual")),
         "norm-weight-ignored": ([("fast/simd_ops.cpp", "o[i] = (xr[i] * inv_rms) * weight[i];",
                                   "o[i] = xr[i] * inv_rms;")],
                                 (0, "attn_norm")),
-        "causal-off-by-one": ([("fast/simd_ops.cpp", "int key_end = p0 + i1;",
+        "causal-off-by-one": ([("fast/simd_attention.cpp", "int key_end = p0 + i1;",
                                 "int key_end = std::min(p0 + i1 + 1, p0 + T);"),
-                               ("fast/simd_ops.cpp", "int n = std::min(nk, p0 + i + 1 - j0);",
+                               ("fast/simd_attention.cpp", "int n = std::min(nk, p0 + i + 1 - j0);",
                                 "int n = std::min(nk, std::min(p0 + i + 2, p0 + T) - j0);")],
                               (0, "attn_heads")),
         "nan": (NAN, (None, "logits")),

@@ -15,7 +15,8 @@ from conftest import ENGINES
 from xvalid.config import ModelConfig
 from xvalid.generate import generate_model
 from xvalid.modelfile import write_model
-from xvalid.reference import Reference, intermediate_names
+from xvalid.intermediates import intermediate_names
+from xvalid.reference import Reference
 
 sys.path.insert(0, str(ENGINES))
 from numpy_engine import run_model  # noqa: E402  (independent numpy forward pass)

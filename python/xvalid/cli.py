@@ -423,6 +423,10 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--intermediates/--no-intermediates", default=True, show_default=True,
               help="Capture intermediates to find the first divergence.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Take the reference from the reference cache when it holds it (no torch "
+                   "import), and store it there; --no-cache: compute it, write nothing "
+                   "(docs/cache.md).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), callback=_plot_path,
               help="Write the error-per-layer plot (.png, .svg or .pdf).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
@@ -434,7 +438,8 @@ def _backend_list(ctx, param, value: str) -> tuple[str, ...]:
               help="Print one line per failing candidate (with the reason), then the verdict.")
 @click.pass_context
 def compare(ctx, model, backends, engines, engine_output, engine_timeout, dtype, atol, rtol,
-            decode, threads, warmup, repeat, intermediates, plot, json_path, save_logits, quiet):
+            decode, threads, warmup, repeat, intermediates, cache, plot, json_path, save_logits,
+            quiet):
     """Compare MODEL's candidates with the PyTorch reference; exit 0 pass, 1 mismatch."""
     if any(REGISTRY[name].uses_core for name in backends):
         from .backends import start_loading_core
@@ -442,17 +447,20 @@ def compare(ctx, model, backends, engines, engine_output, engine_timeout, dtype,
     from .compare import CompareOptions, run_compare
     from .files import atomic_write, save_arrays
     from .progress import stderr_console
-    from .report import console, print_compare, quiet_lines, report_json
+    from .report import cache_warning, console, print_compare, quiet_lines, report_json
 
     if not backends and not engines:
         raise click.UsageError("nothing to compare: give --backends and/or --engine")
     opts = CompareOptions(dtype=dtype, backends=backends, engines=engines, engine_output=engine_output,
                           engine_timeout=engine_timeout, atol=atol, rtol=rtol, decode=decode,
                           threads=threads, warmup=warmup, repeat=repeat,
-                          intermediates=intermediates, argv=_compare_argv(ctx))
+                          intermediates=intermediates, cache=cache, argv=_compare_argv(ctx))
     with stderr_console.status("comparing", spinner="dots") as status:
         result = run_compare(model, opts, progress=lambda text: status.update(text))
     report = result.report
+    warning = cache_warning(report["reference_cache"])
+    if warning:
+        click.echo(f"xvalid compare: {warning}", err=True)
     if save_logits is not None:  # candidate names are file-name safe ([A-Za-z0-9_.-])
         save_arrays(save_logits, result.arrays)
     json_to_stdout = json_path == Path("-")
@@ -489,6 +497,43 @@ def _compare_argv(ctx: click.Context) -> list[str]:
     if p["decode"]:
         argv += ["--decode", str(p["decode"])]
     return argv
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+@cli.group(context_settings=CONTEXT)
+def cache():
+    """The reference cache: compare's reference outputs kept between runs (docs/cache.md)."""
+
+
+@cache.command("info", context_settings=CONTEXT)
+def cache_info():
+    """Where the cache is, its entries, their total size and the cap."""
+    from .refcache import CAP_VARIABLE, MIB, ReferenceCache, cap_bytes
+
+    cap, source = cap_bytes()
+    store = ReferenceCache(cap=cap)
+    entries = store.list_entries()
+    total = sum(e.bytes for e in entries)
+    click.echo(f"directory  {store.root}")
+    click.echo(f"entries    {len(entries)}")
+    click.echo(f"size       {total / MIB:.1f} MiB ({total} bytes)")
+    click.echo(f"cap        {cap / MIB:.0f} MiB ("
+               f"{'default' if source == 'default' else CAP_VARIABLE}); the least recently used "
+               f"entries go first")
+
+
+@cache.command("clear", context_settings=CONTEXT)
+def cache_clear():
+    """Remove every entry (nothing else in the directory)."""
+    from .refcache import MIB, ReferenceCache
+
+    store = ReferenceCache(cap=0)
+    removed, freed = store.clear()
+    click.echo(f"removed {removed} {'entry' if removed == 1 else 'entries'} "
+               f"({freed / MIB:.1f} MiB) from {store.root}")
 
 
 # ---------------------------------------------------------------------------------------------

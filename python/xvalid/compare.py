@@ -10,9 +10,10 @@ the first divergent intermediate when intermediates exist, decode drift (--decod
 check for backends and engines, and an explicit "not supported" for an engine that cannot
 decode) and timing at one thread count.
 
-run_compare is five named steps: run_reference, run_candidates, judge, time_candidates,
-build_report. It returns a CompareResult: the plain JSON-able report (schema:
-schemas/compare-report.schema.json; report.py renders it) and, beside it, the logits.
+run_compare is five named steps: reference_step (run_reference, or the reference cache of
+refcache.py), run_candidates, judge, time_candidates, build_report. It returns a
+CompareResult: the plain JSON-able report (schema: schemas/compare-report.schema.json;
+report.py renders it) and, beside it, the logits.
 xvalid bench validates every cell of its grid with the same steps.
 """
 
@@ -27,16 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, refcache
 from .backends import (BUILTIN_BACKENDS, DEFAULT_BACKENDS, Backend, BackendSpec, TorchBackend,
                        get_spec, load_core)
 from .engines import (DECODE_FILES, ENGINE_INFO_FILE, PROTOCOL_VERSION, EngineRequest,
                       EngineResult, ExternalEngine, make_engines)
 from .errors import EXIT_ENGINE, EXIT_FAIL, EXIT_PASS, EngineError, InputError
+from .intermediates import intermediate_names
 from .metrics import (COMPUTE_DTYPES, POLICIES, TolerancePolicy, logit_metrics,
                       quantization_cost, tensor_error, tensor_rmse, within)
 from .modelfile import ModelFile, read_model
-from .reference import intermediate_names
 from .timing import Timing, time_call
 
 REPORT_SCHEMA = "xvalid-compare-report"
@@ -58,6 +59,7 @@ class CompareOptions:
     warmup: int = 1
     repeat: int = 5
     intermediates: bool = True
+    cache: bool = True  # the reference cache (refcache.py): read and write it
     argv: list[str] = field(default_factory=list)  # the compare flags, for the repro line
 
 
@@ -169,9 +171,9 @@ def decode_not_supported(prefill: int, reason: str) -> dict:
 
 def versions(backend_info: dict[str, dict]) -> dict:
     """Versions of everything that ran; `backends` has each built-in candidate's info()."""
-    import torch
     out = {"xvalid": __version__, "python": platform.python_version(), "numpy": np.__version__,
-           "torch": torch.__version__, "machine": platform.machine(), "platform": platform.platform()}
+           "torch": refcache.torch_version(), "machine": platform.machine(),
+           "platform": platform.platform()}
     if backend_info:
         out["backends"] = backend_info
     return out
@@ -277,6 +279,179 @@ def run_reference(ref32: TorchBackend, ref64: TorchBackend, ids: np.ndarray, mas
         run.dtype = half.dtype
         run.logits_half, run.intermediates_half = half.forward(ids, mask, capture=capture)
     return run
+
+
+@dataclass
+class TorchRow:
+    """What the torch candidate adds to the reference run it is (its logits are the float32
+    reference's): kept in the reference cache with it."""
+
+    load_ms: float                            # parse + building the float32 reference
+    info: dict                                # TorchBackend.info()
+    decode_logits: np.ndarray | None = None   # (B, N, V) with --decode N
+    timing: dict | None = None                # time_forward's, without ratio_to_torch
+
+
+@dataclass
+class ReferenceStep:
+    """Step 1's outcome: the reference, the thread count every candidate runs at, the torch
+    candidate's own results, and where they came from (the report's reference_cache)."""
+
+    ref: ReferenceRun
+    threads: int
+    torch_row: TorchRow | None         # None when torch is not a candidate
+    torch_backend: TorchBackend | None = None  # the torch candidate, in the compute dtype;
+                                               # None when read from the cache (torch not imported)
+    cache_report: dict = field(default_factory=dict)
+    store: tuple | None = None         # (ReferenceCache, key) to store into after the run
+
+
+# CompareOptions fields by whether they change what reference_step returns, and so belong in
+# the cache key (tests/test_refcache.py fails on a new field in neither).
+REFERENCE_OPTIONS = ("dtype", "backends", "intermediates", "decode", "threads", "warmup", "repeat")
+NON_REFERENCE_OPTIONS = ("engines", "engine_output", "engine_timeout", "atol", "rtol", "cache",
+                         "argv")
+
+
+def torch_is_candidate(opts: CompareOptions) -> bool:
+    return any(get_spec(name).reference for name in opts.backends)
+
+
+def reference_options(opts: CompareOptions) -> dict:
+    """The cache key's options: the reference's own, and with torch a candidate, what its row
+    holds (decode logits, forward timing). An unset --threads is torch's default, named by
+    what decides it (refcache.default_threads_fingerprint) rather than asked of torch."""
+    torch_row = ({"decode": opts.decode, "warmup": opts.warmup, "repeat": opts.repeat}
+                 if torch_is_candidate(opts) else None)
+    half = [opts.dtype] if opts.dtype != "float32" else []
+    return {"dtypes": ["float32", "float64", *half], "intermediates": opts.intermediates,
+            "threads": opts.threads or {"default": refcache.default_threads_fingerprint()},
+            "torch_row": torch_row}
+
+
+def reference_step(model: Path, mf: ModelFile, opts: CompareOptions, parse_s: float,
+                   progress, read_signature: list[int] | None = None) -> ReferenceStep:
+    """Step 1: the reference from the cache when it holds this file's with these options
+    (torch is not imported), else computed (run_reference), to be stored after the run.
+    read_signature: the file's refcache.stat_signature from before `mf` was read; the cache
+    is used only if the file is still the same after its digest is taken."""
+    cache = key = None
+    lookup = refcache.Lookup("off", reason="--no-cache" if not opts.cache else
+                             f"{model} is not a regular file")
+    if opts.cache and model.is_file():
+        progress("looking up the reference cache")
+        cache = refcache.ReferenceCache()
+        digest = cache.file_digest(model)
+        if refcache.stat_signature(model) != read_signature:
+            lookup = refcache.Lookup("off", reason=f"{model} changed while compare read it")
+            return compute_reference(mf, opts, parse_s, progress, lookup)
+        key = refcache.reference_key(digest, reference_options(opts))
+        lookup = cache.load(key)
+        if lookup.status == "hit":
+            try:
+                step = unpack_reference(lookup.entry, mf, opts)
+            except refcache.EntryDamaged as exc:
+                lookup = refcache.Lookup("damaged", reason=str(exc))
+            else:
+                step.cache_report = cache_report(cache, lookup, "cache")
+                return step
+    step = compute_reference(mf, opts, parse_s, progress, lookup, cache)
+    step.store = (cache, key) if cache is not None else None
+    return step
+
+
+def compute_reference(mf: ModelFile, opts: CompareOptions, parse_s: float, progress,
+                      lookup: refcache.Lookup, cache=None) -> ReferenceStep:
+    """The float32 and float64 reference forwards in torch, at the run's thread count;
+    `lookup`: why the cache did not supply them."""
+    import torch
+
+    threads = opts.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    half = opts.dtype != "float32"
+    progress(f"running the reference (float32, float64{f' and {opts.dtype}' if half else ''})")
+    start = time.perf_counter()
+    torch_backend = TorchBackend(mf, opts.dtype)  # the torch candidate: PyTorch in the compute dtype
+    torch_load_ms = (parse_s + time.perf_counter() - start) * 1e3
+    ref32 = TorchBackend(mf, "float32") if half else torch_backend
+    ref = run_reference(ref32, TorchBackend(mf, "float64"), mf.input_ids, mf.attention_mask,
+                        opts.intermediates, torch_backend if half else None)
+    torch_row = TorchRow(torch_load_ms, torch_backend.info()) if torch_is_candidate(opts) else None
+    return ReferenceStep(ref, threads, torch_row, torch_backend,
+                         cache_report(cache, lookup, "computed"))
+
+
+def cache_report(cache, lookup: refcache.Lookup, source: str) -> dict:
+    """The report's reference_cache: where the reference came from, why an entry was not used
+    (reason), and whether the computed one was stored (else why not: not_stored)."""
+    return {"source": source, "lookup": lookup.status, "reason": lookup.reason,
+            "stored": False, "not_stored": None,
+            "entry": lookup.entry.key_hash if lookup.entry is not None else None,
+            "dir": str(cache.root) if cache is not None else None}
+
+
+def pack_reference(step: ReferenceStep) -> tuple[dict[str, np.ndarray], dict]:
+    """A ReferenceStep as a cache entry's arrays and JSON meta (unpack_reference reverses)."""
+    ref, row = step.ref, step.torch_row
+    arrays = {"logits": ref.logits, "logits64": ref.logits64, "mask": ref.mask}
+    if ref.half:
+        arrays["logits_half"] = ref.logits_half
+    for prefix, captured in (("i32.", ref.intermediates), ("i64.", ref.intermediates64),
+                             ("ihalf.", ref.intermediates_half)):
+        arrays.update({prefix + name: a for name, a in (captured or {}).items()})
+    meta = {"threads": step.threads, "intermediates": list(ref.intermediates or ()),
+            "dtype": ref.dtype}
+    if row is not None:
+        if row.decode_logits is not None:
+            arrays["torch.decode"] = row.decode_logits
+        meta["torch_row"] = {"load_ms": row.load_ms, "info": row.info, "timing": row.timing}
+    return arrays, meta
+
+
+def unpack_reference(entry: refcache.Entry, mf: ModelFile, opts: CompareOptions) -> ReferenceStep:
+    """A cache entry back as a ReferenceStep, checked against the file and the options;
+    refcache.EntryDamaged when it does not fit them."""
+    a, meta = entry.arrays, entry.meta
+    B, S, V = mf.batch_size, mf.seq_len, mf.config.vocab_size
+    try:
+        names, dtype = meta["intermediates"], meta["dtype"]
+        half = dtype != "float32"
+        threads, row_meta = meta["threads"], meta.get("torch_row")
+        fits = (a["logits"].shape == a["logits64"].shape == (B, S, V)
+                and dtype == opts.dtype and ("logits_half" in a) == half
+                and (not half or a["logits_half"].shape == (B, S, V))
+                and np.array_equal(a["mask"], mf.attention_mask)
+                and bool(names) == opts.intermediates and isinstance(threads, int)
+                and (row_meta is not None) == torch_is_candidate(opts)
+                and ("torch.decode" in a) == (row_meta is not None and opts.decode > 0))
+        inter32 = {name: a["i32." + name] for name in names} if names else None
+        inter64 = {name: a["i64." + name] for name in names} if names else None
+        inter_half = {name: a["ihalf." + name] for name in names} if names and half else None
+        row = (TorchRow(float(row_meta["load_ms"]), dict(row_meta["info"]), a.get("torch.decode"),
+                        dict(row_meta["timing"])) if row_meta is not None else None)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise refcache.EntryDamaged(f"its contents are incomplete ({exc})") from None
+    if not fits:
+        raise refcache.EntryDamaged("its arrays do not fit this model file and these options")
+    run = ReferenceRun(a["logits"], a["logits64"], a["mask"], inter32, inter64, dtype,
+                       a["logits_half"] if half else None, inter_half)
+    return ReferenceStep(run, threads, row)
+
+
+def store_reference(step: ReferenceStep, candidates: list[Candidate]) -> None:
+    """After the run: a computed reference (and the torch row's decode logits and timing) into
+    the cache; step.cache_report says whether it was stored."""
+    if step.store is None:
+        return
+    cache, key = step.store
+    torch_cand = next((c for c in candidates if c.kind == "reference"), None)
+    if step.torch_row is not None and torch_cand is not None:
+        step.torch_row.decode_logits = torch_cand.decode_logits
+        step.torch_row.timing = {k: v for k, v in torch_cand.report["timing"].items()
+                                 if k != "ratio_to_torch"}
+    not_stored = cache.store(key, *pack_reference(step))
+    step.cache_report.update(stored=not_stored is None, not_stored=not_stored,
+                             entry=refcache.key_hash(key) if not_stored is None else None)
 
 
 @dataclass(frozen=True)
@@ -406,27 +581,38 @@ def run_engine(engine: ExternalEngine, model: Path, shape: tuple[int, int, int],
     return cand
 
 
-def run_candidates(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
-                   engines: list[ExternalEngine], torch_ref: TorchBackend, ref: ReferenceRun,
-                   torch_load_ms: float, request: EngineRequest, progress
+def reference_candidate(name: str, step: ReferenceStep) -> Candidate:
+    """The torch candidate: the reference's own run in the compute dtype; from the cache, with
+    the decode logits and forward timing stored beside it (the timing marked cached)."""
+    cand = Candidate(name, "reference", step.ref.torch_logits, step.ref.torch_intermediates)
+    cand.report["load_ms"] = step.torch_row.load_ms
+    if step.torch_backend is None:
+        cand.decode_logits = step.torch_row.decode_logits
+        cand.report["timing"] = dict(step.torch_row.timing, cached=True)
+    return cand
+
+
+def run_candidates(model: Path, mf: ModelFile, opts: CompareOptions, engines: list[ExternalEngine],
+                   step: ReferenceStep, request: EngineRequest, progress
                    ) -> tuple[list[Candidate], dict[str, Backend]]:
     """Step 2: every candidate's logits (and decode logits with --decode). The torch
-    candidate is the reference's own run in the compute dtype (torch_ref). Returns the
+    candidate is the reference's own run in the compute dtype (step.torch_backend). Returns the
     candidates in report order and the in-process backends by name (for timing)."""
     candidates: list[Candidate] = []
     backends: dict[str, Backend] = {}
+    ref, threads = step.ref, step.threads
     for name in opts.backends:
         spec = get_spec(name)
         if spec.reference:
-            cand = Candidate(name, "reference", ref.torch_logits, ref.torch_intermediates)
-            cand.report["load_ms"] = torch_load_ms
-            backends[name] = torch_ref
+            cand = reference_candidate(name, step)
+            if step.torch_backend is not None:
+                backends[name] = step.torch_backend
         else:
             progress(f"running {name}")
             cand, backends[name] = run_backend(spec, model, mf, threads, opts.intermediates,
                                                opts.dtype)
         cand.compute = compute_dtype(opts.dtype, spec=spec)
-        if opts.decode:
+        if opts.decode and cand.decode_logits is None:
             progress(f"decoding {name}")
             cand.decode_logits = backends[name].decode(mf.input_ids, mf.attention_mask,
                                                        mf.seq_len - opts.decode)
@@ -516,6 +702,8 @@ def time_candidates(candidates: list[Candidate], backends: dict[str, Backend], m
     """Step 4: forward timing of every candidate that ran, and the ratio to torch. A timing
     run that fails turns an engine's status into an error."""
     for cand in candidates:
+        if cand.report.get("timing", {}).get("cached"):
+            continue
         progress(f"timing {cand.name}")
         if cand.name in backends:
             cand.report["timing"] = time_forward(backends[cand.name], mf, threads, opts)
@@ -545,8 +733,8 @@ def quantization_report(mf: ModelFile, ref: ReferenceRun) -> dict | None:
 
 
 def build_report(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
-                 tol: Tolerance, candidates: list[Candidate], backends: dict[str, Backend],
-                 quantization: dict | None = None) -> dict:
+                 tol: Tolerance, candidates: list[Candidate], backend_info: dict[str, dict],
+                 reference_cache: dict, quantization: dict | None = None) -> dict:
     """Step 5: the JSON-able report (schemas/compare-report.schema.json) with its verdict;
     `quantization`: quantization_report's, reported beside the verdict."""
     statuses = [c.report["status"] for c in candidates]
@@ -562,10 +750,11 @@ def build_report(model: Path, mf: ModelFile, opts: CompareOptions, threads: int,
                   "batch_size": mf.batch_size, "seq_len": mf.seq_len,
                   "unpadded_rows": int(keep.sum()), "padded_rows": int((~keep).sum()),
                   "weight_dtype": mf.weight_dtype},
-        "versions": versions({name: b.info() for name, b in backends.items()}),
+        "versions": versions(backend_info),
         "threads": threads,
         "engine_protocol": PROTOCOL_VERSION,
         "tolerance": tol.to_json(),
+        "reference_cache": reference_cache,
         "decode_steps": opts.decode,
         "candidates": [c.report for c in candidates],
         "unchecked": unchecked(candidates),
@@ -634,31 +823,24 @@ def prepare(model: Path, opts: CompareOptions, progress) -> tuple[ModelFile, lis
 def run_compare(model: Path, opts: CompareOptions, progress=lambda message: None) -> CompareResult:
     """Everything `xvalid compare` computes: prepare, reference, candidates, judge, time,
     report."""
-    import torch
-
+    read_signature = refcache.stat_signature(model)  # before the file is read
     mf, engines, parse_s = prepare(model, opts, progress)
-    threads = opts.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-
-    half = opts.dtype != "float32"
-    progress(f"running the reference (float32, float64{f' and {opts.dtype}' if half else ''})")
-    start = time.perf_counter()
-    torch_ref = TorchBackend(mf, opts.dtype)  # the torch candidate: PyTorch in the compute dtype
-    torch_load_ms = (parse_s + time.perf_counter() - start) * 1e3
-    ref32 = TorchBackend(mf, "float32") if half else torch_ref
-    ref = run_reference(ref32, TorchBackend(mf, "float64"), mf.input_ids, mf.attention_mask,
-                        opts.intermediates, torch_ref if half else None)
+    step = reference_step(model, mf, opts, parse_s, progress, read_signature)
+    ref, threads = step.ref, step.threads
     tol = derive_tolerance(ref, opts.atol, opts.rtol)
 
     request = EngineRequest(mf.seq_len, opts.decode, threads, opts.repeat, opts.warmup,
                             opts.intermediates, opts.dtype)
-    candidates, backends = run_candidates(model, mf, opts, threads, engines, torch_ref, ref,
-                                          torch_load_ms, request, progress)
+    candidates, backends = run_candidates(model, mf, opts, engines, step, request, progress)
     progress("computing metrics")
     judge(candidates, ref, tol, opts.decode, intermediate_names(mf.config.num_hidden_layers))
     time_candidates(candidates, backends, model, mf, threads, opts, request, progress)
-    report = build_report(model, mf, opts, threads, tol, candidates, backends,
-                          quantization_report(mf, ref))
+    store_reference(step, candidates)
+    # Every built-in candidate's info(); torch's from the cache when it did not run.
+    backend_info = {c.name: backends[c.name].info() if c.name in backends else
+                    step.torch_row.info for c in candidates if c.kind != "engine"}
+    report = build_report(model, mf, opts, threads, tol, candidates, backend_info,
+                          step.cache_report, quantization_report(mf, ref))
     arrays = {"reference": ref.logits, "reference-float64": ref.logits64,
               **{c.name: c.logits for c in candidates if c.logits is not None}}
     return CompareResult(report, arrays)

@@ -175,11 +175,3 @@ class Reference:
         keep("final_norm", final)
         keep("logits", logits)
         return logits
-
-
-def intermediate_names(n_layers: int) -> list[str]:
-    """Every captured name in forward order (docs/intermediates.md)."""
-    per_layer = ("attn_norm", "q", "k", "v", "attn_heads", "attn_out", "attn_residual",
-                 "ffn_norm", "gate", "up", "ffn_out", "residual")
-    return (["embedding"] + [f"layer{l}.{n}" for l in range(n_layers) for n in per_layer]
-            + ["final_norm", "logits"])

@@ -352,6 +352,7 @@ def print_compare(report: dict, out: Console = console) -> None:
                   f"({_plural(m['unpadded_rows'], 'unpadded row')}, {m['padded_rows']} padded) | "
                   f"{_plural(report['threads'], 'thread')}")
     out.print(tolerance_line(tol))
+    out.print(f"reference: {cache_line(report['reference_cache'])}", markup=False)
 
     decode_asked = bool(report["decode_steps"])
     half = tol["dtype"] != "float32"
@@ -450,6 +451,31 @@ def _dtype_cell(compute: dict | None) -> str:
         f"[yellow]{compute['actual']}[/]"
 
 
+def cache_line(cache: dict) -> str:
+    """Where the reference came from, for the report's text."""
+    where = f"entry {(cache['entry'] or '')[:12]} in {cache['dir']}"
+    if cache["source"] == "cache":
+        return f"from the reference cache ({where}; torch not imported)"
+    if cache["lookup"] == "off":
+        return f"computed; the cache is off ({cache['reason']})"
+    text = ("computed" if cache["lookup"] == "miss" else
+            f"recomputed (the cached entry was {cache['lookup']}: {cache['reason']})")
+    if cache["stored"]:
+        return f"{text}; stored in the reference cache ({where})"
+    return f"{text}; not stored in the reference cache ({cache['not_stored']})"
+
+
+def cache_warning(cache: dict) -> str | None:
+    """The one stderr line for a cache entry that was not trusted, or a reference that could
+    not be stored; None when the cache did what was asked."""
+    if cache["lookup"] in ("damaged", "stale"):
+        done = "recomputed and replaced" if cache["stored"] else "recomputed, not stored"
+        return f"the cached reference was {cache['lookup']} ({cache['reason']}): {done}"
+    if cache["not_stored"]:
+        return f"the reference was not cached: {cache['not_stored']}"
+    return None
+
+
 def print_decode(cand: dict, out: Console = console) -> None:
     d = cand["decode"]
     if d["status"] == "not supported":
@@ -476,6 +502,8 @@ def print_timing(report: dict, timed: list[dict], out: Console = console) -> Non
         runs = f"{t['repeat']} (+{t['warmup']} warmup)"
         if t["measures"] == "process":
             runs = f"{t['repeat']} (process, load included)"
+        if t.get("cached"):
+            runs += " cached"
         if t.get("threads", report["threads"]) != report["threads"]:
             runs += f" [yellow]ran {_plural(t['threads'], 'thread')}[/]"
         load = f"{cand['load_ms']:.1f}" if "load_ms" in cand else "-"

@@ -1,6 +1,7 @@
 // The fast kernel's ops other than the matrix multiply (that is matmul.h), written as plain
-// loops the compiler vectorises. simd_ops.cpp is compiled once per instruction set, each copy
-// in its own namespace (XVALID_SIMD_NS: avx2, portable); fast_kernel.cpp picks one at run time.
+// loops the compiler vectorises: simd_ops.cpp (element-wise) and simd_attention.cpp. Each is
+// compiled once per instruction set, each copy in its own namespace (XVALID_SIMD_NS: avx2,
+// portable); fast_kernel.cpp picks one at run time.
 #pragma once
 
 #include <cstdint>
