@@ -21,8 +21,8 @@ from xvalid.compare import Candidate, derive_tolerance, judge, run_reference
 from xvalid.config import ModelConfig
 from xvalid.dtypes import store_weights
 from xvalid.generate import generate_model
+from xvalid.intermediates import intermediate_names
 from xvalid.modelfile import named_tensors, write_model
-from xvalid.reference import intermediate_names
 
 RUNNER = find_runner()
 

@@ -159,15 +159,7 @@ class EngineTiming:
 
     @classmethod
     def read(cls, path: Path, decode_steps: int) -> "EngineTiming":
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise EngineError(f"{TIMING_FILE}: unreadable ({exc})") from None
-        except json.JSONDecodeError as exc:
-            raise EngineError(f"{TIMING_FILE}: not valid JSON ({exc.msg}: line {exc.lineno}, "
-                              f"column {exc.colno})") from None
-        if not isinstance(doc, dict):
-            raise EngineError(f"{TIMING_FILE}: expected a JSON object, got {type(doc).__name__}")
+        doc = read_json_object(path, TIMING_FILE)
         if "forward_ms" not in doc:
             raise EngineError(f"{TIMING_FILE}: forward_ms (a list of ms) is missing")
         timing = cls(forward_ms=_samples(doc["forward_ms"], "forward_ms"))
@@ -184,18 +176,25 @@ class EngineTiming:
         return timing
 
 
-def read_engine_dtype(path: Path) -> str | None:
-    """The "dtype" of an engine's engine.json (None when it has none); EngineError when the
-    file is not a JSON object or the dtype is not one of ENGINE_DTYPES."""
+def read_json_object(path: Path, name: str) -> dict:
+    """An engine's JSON file (`name` as the protocol calls it) as a dict; EngineError, one line
+    naming the file, when it is unreadable, not JSON or not an object."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise EngineError(f"{ENGINE_INFO_FILE}: unreadable ({exc})") from None
+        raise EngineError(f"{name}: unreadable ({exc})") from None
     except json.JSONDecodeError as exc:
-        raise EngineError(f"{ENGINE_INFO_FILE}: not valid JSON ({exc.msg}: line {exc.lineno}, "
+        raise EngineError(f"{name}: not valid JSON ({exc.msg}: line {exc.lineno}, "
                           f"column {exc.colno})") from None
     if not isinstance(doc, dict):
-        raise EngineError(f"{ENGINE_INFO_FILE}: expected a JSON object, got {type(doc).__name__}")
+        raise EngineError(f"{name}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def read_engine_dtype(path: Path) -> str | None:
+    """The "dtype" of an engine's engine.json (None when it has none); EngineError when the
+    file is not a JSON object or the dtype is not one of ENGINE_DTYPES."""
+    doc = read_json_object(path, ENGINE_INFO_FILE)
     dtype = doc.get("dtype")
     if dtype is not None and dtype not in ENGINE_DTYPES:
         raise EngineError(f"{ENGINE_INFO_FILE}: dtype must be one of {', '.join(ENGINE_DTYPES)}, "
