@@ -119,6 +119,19 @@ def test_cached_and_uncached_reports_agree(cli, tmp_path, bug_model):
     assert cached["threads"] == uncached["threads"]
 
 
+def test_a_half_precision_reference_comes_back_whole_from_the_cache(cli, tmp_path, bug_model):
+    """--dtype bfloat16 keeps PyTorch's bfloat16 run (the budget's source, the torch row) and
+    its intermediates with the entry: the cached report is the computed one."""
+    args = ("--backends", "torch,cpp", "--dtype", "bfloat16", "--decode", 2)
+    _, stored = report_of(cli, tmp_path, bug_model, *args, name="stored.json")
+    _, cached = report_of(cli, tmp_path, bug_model, *args, name="cached.json")
+    assert [r["reference_cache"]["source"] for r in (stored, cached)] == ["computed", "cache"]
+    assert stored["tolerance"] == cached["tolerance"]
+    assert cached["tolerance"]["dtype"] == "bfloat16" and cached["tolerance"]["rmse_max"] > 0
+    assert judged(stored) == judged(cached)
+    assert cached["candidates"][0]["compute_dtype"]["actual"] == "bfloat16"
+
+
 def test_saved_reference_logits_are_the_same_from_the_cache(cli, tmp_path, tiny_model):
     for run in ("computed", "cached"):
         report_of(cli, tmp_path, tiny_model, "--backends", "torch", "--save-logits",
@@ -196,6 +209,7 @@ def test_the_digest_follows_the_bytes_not_the_timestamps(tmp_path):
     (("--threads", 1), False),
     (("--repeat", 2), False),             # the torch row's timing is stored with the reference
     (("--backends", "cpp"), False),       # no torch row
+    (("--dtype", "bfloat16"), False),     # another compute dtype: PyTorch's half run and budget
     (("--atol", 1e-3), True),             # the verdict's options do not touch the reference
     (("--rtol", 1e-3), True),
 ])
