@@ -154,7 +154,7 @@ def block_size(weight_dtype: str | None, quant_block: int | str | None) -> int |
 def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, container,
              weight_dtype, quant_block, **sizes):
     """Write a seeded random-weight model and its inputs as one JSON file."""
-    from .generate import convert_weights, generate_model, record_reference, reference_logits
+    from .generate import finish_model, generate_model
     from .modelfile import write_model
     from .report import print_generate_summary
 
@@ -173,11 +173,7 @@ def generate(preset, seq_len, batch_size, pad, pad_len, seed, init_std, output, 
         f"--pad {mf.meta['generator']['pad_rows']}"
         f"{f' --pad-len {pad_len}' if pad_len is not None else ''} --seed {seed} "
         f"--init-std {init_std!r}")
-    # Record the reference's logit statistics, so a later PASS is known to mean something.
-    logits = reference_logits(mf)
-    record_reference(mf, logits)
-    if weight_dtype not in (None, "float32"):
-        mf = convert_weights(mf, weight_dtype, block)
+    mf = finish_model(mf, weight_dtype, block)
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
 
@@ -248,12 +244,10 @@ def import_checkpoint(ctx, checkpoint, output, container, id_rows, ids_file, seq
     mf = checkpoint_model(ck, ids, mask, {"seed": seed, "inputs": inputs})
     check_forward_memory(cfg, *ids.shape, intermediates=False)  # before the reference runs
     block = block_size(weight_dtype, quant_block)
-    from .generate import convert_weights, record_reference, reference_logits
+    from .generate import finish_model
     from .hf import keep_checkpoint_dtype
     mf = keep_checkpoint_dtype(mf, ck)  # exact: the upcast values are the stored ones
-    record_reference(mf, reference_logits(mf))
-    if weight_dtype is not None:
-        mf = convert_weights(mf, weight_dtype, block)
+    mf = finish_model(mf, weight_dtype, block)
     write_model(mf, output, container=container)
     print_generate_summary(mf, output, time.perf_counter() - start)
 

@@ -179,6 +179,18 @@ def weight_dtype_flags(weight_dtype: str, block_size: int | None) -> str:
     return f" --weight-dtype {weight_dtype}{block}"
 
 
+def finish_model(mf: ModelFile, weight_dtype: str | None,
+                 block_size: int | None = DEFAULT_BLOCK_SIZE) -> ModelFile:
+    """A made model (generate, import) ready to write: its weights stored in `weight_dtype`
+    (None: as they are) and meta.reference recorded, so that a later PASS is known to mean
+    something. One reference forward: a conversion to a reduced dtype records the converted
+    model's own statistics (convert_weights), so the unconverted model's are not computed."""
+    converted = weight_dtype not in (None, mf.weight_dtype)
+    if not converted or weight_dtype == "float32":  # the same values either way
+        record_reference(mf, reference_logits(mf))
+    return convert_weights(mf, weight_dtype, block_size) if converted else mf
+
+
 def convert_weights(mf: ModelFile, weight_dtype: str,
                     block_size: int | None = DEFAULT_BLOCK_SIZE) -> ModelFile:
     """`mf` with its weights stored in `weight_dtype` (dtypes.store_weights), and the record
@@ -196,6 +208,8 @@ def convert_weights(mf: ModelFile, weight_dtype: str,
     if weight_dtype != "float32" and out.source_logits is None:
         out.source_logits = source_logits(mf)
         out.source_weight_dtype = before
+    if weight_dtype != "float32":  # recorded anew below, after quantization (one key order)
+        out.meta.pop("reference", None)
     out.meta["quantization"] = quantization_meta(weight_dtype, block_size, before)
     if weight_dtype != "float32":
         record_reference(out, reference_logits(out))

@@ -31,9 +31,8 @@ import numpy as np
 
 from .errors import ModelFileError, brief, cut
 from .files import atomic_write
-from .formatspec import (FORMAT_NAME, FORMAT_VERSION, INT8, MAX_DIM, MAX_JSON_DEPTH,
-                         MAX_SAFETENSORS_HEADER_BYTES, RESERVED_DTYPES, SOURCE,
-                         STORAGE_DTYPES_SPEC)
+from .formatspec import (INT8, MAX_DIM, MAX_JSON_DEPTH, MAX_SAFETENSORS_HEADER_BYTES,
+                         RESERVED_DTYPES, SOURCE, STORAGE_DTYPES_SPEC)
 
 # safetensors dtype name -> the format's dtype name (storage dtypes and reserved ones)
 ST_TO_DTYPE = {d["safetensors"]: name for name, d in STORAGE_DTYPES_SPEC.items()}
